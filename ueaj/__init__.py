@@ -1,0 +1,1 @@
+"""Tools for training Flax NNX models; see `ueaj.opt`."""

@@ -1,0 +1,39 @@
+"""Assign optax optimizers to parts of Flax NNX models with NumPy-style keys.
+
+>>> import optax
+>>> from flax import nnx
+>>> from ueaj import opt
+>>> mgr = opt.OptimizerManager()
+>>> mgr[...] = optax.adamw(3e-4)
+>>> mgr[..., 'bias'] = optax.adam(3e-4)
+"""
+
+from ueaj.opt._errors import (
+  MissingLabelError,
+  RuleError,
+  StructureMismatchError,
+  UnassignedVariablesError,
+  UnmatchedPatternError,
+)
+from ueaj.opt._graph import ParamInfo
+from ueaj.opt._groups import Assignment, Group, Groups
+from ueaj.opt._keys import batch
+from ueaj.opt._manager import OptimizerManager
+from ueaj.opt._optimizer import Optimizer
+from ueaj.opt._transform import LABEL_KEY
+
+__all__ = [
+  "Assignment",
+  "Group",
+  "Groups",
+  "LABEL_KEY",
+  "MissingLabelError",
+  "Optimizer",
+  "OptimizerManager",
+  "ParamInfo",
+  "RuleError",
+  "StructureMismatchError",
+  "UnassignedVariablesError",
+  "UnmatchedPatternError",
+  "batch",
+]

@@ -1,0 +1,224 @@
+"""The manager: collects `mgr[key] = value` assignments and builds transforms."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optax
+from flax import nnx
+from flax.nnx import filterlib
+
+from ueaj.opt import _keys, _transform
+from ueaj.opt._graph import ModelGraph, flatten_paths
+from ueaj.opt._groups import Assignment, Groups, resolve
+
+_VALUE_HELP = (
+  "Assign an optax GradientTransformation (optax.adamw(1e-3)), a function"
+  " rule fn(modules, param) that returns one, or None to freeze."
+)
+
+
+class OptimizerManager:
+  """Assigns optax transforms to parts of an NNX model with NumPy-style keys.
+
+  A key is matched against the path of each Variable in the NNX graph and
+  selects every Variable whose path starts with something the key matches:
+
+  - `'name'` matches that attribute or dict key; `...` matches zero or more
+    keys anywhere (`mgr[..., 'bias']` selects every bias).
+  - An int selects one sequence index (negative counts from the end); a
+    slice selects indices as NumPy does; a list `[0, 2]` or `['q', 'k']`
+    selects any of its entries.
+  - An `nnx.Module` (or `nnx.Variable`) subclass matches a key whose node is
+    an instance of it: `mgr[..., nnx.LayerNorm]`.
+  - `mgr.batch[s]` (the same as `opt.batch[s]`) matches what `s` matches.
+
+  One group is one optimizer state. A slice or a list gives every matched
+  key its own group; `batch[...]` keeps all matched keys in one group; names,
+  ints, types and `...` do not split groups. Later assignments override
+  earlier ones Variable by Variable, and `None` freezes (zero updates, no
+  state).
+
+  A value may also be a function rule `fn(modules, param)`, called once for
+  every Variable the assignment wins, with the tuple of graph nodes from the
+  root model to the Variable's owner and a `ParamInfo`. It returns a
+  transform or None. Variables of one group whose rule results have the same
+  configuration (equal code and hyperparameters, see `ueaj.opt._config`)
+  share one state; different configurations become separate groups labelled
+  `<label>#1`, `<label>#2`, ...
+
+  Labels join the matched keys with `/`: `mgr['layers', :, 'attn']` labels
+  the attention of layer 0 `layers/0/attn`, and `mgr[...]` labels its
+  Variables `...`.
+
+  Examples:
+    >>> import optax
+    >>> from flax import nnx
+    >>> from ueaj import opt
+    >>> class Model(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.layers = nnx.List([nnx.Linear(2, 2, rngs=rngs) for _ in range(3)])
+    ...     self.head = nnx.Linear(2, 1, rngs=rngs)
+    >>> model = Model(nnx.Rngs(0))
+    >>> mgr = opt.OptimizerManager()
+    >>> mgr[...] = optax.adam(1e-3)
+    >>> mgr['layers', :] = optax.sgd(1e-2)
+    >>> mgr['layers', mgr.batch[1:], 'bias'] = None
+    >>> tx = mgr.build(model)
+    >>> model.layers[0].kernel.get_metadata()['opt_group']
+    'layers/0'
+    >>> model.layers[2].bias.get_metadata()['opt_group']
+    'layers/1:/bias'
+    >>> model.head.kernel.get_metadata()['opt_group']
+    '...'
+  """
+
+  def __init__(self, *, require_match: bool = True):
+    """Create an empty manager.
+
+    Args:
+      require_match: Default for `assign(..., required=...)`: whether a
+        pattern that selects no Variable raises at build. Set it to False
+        for a configuration shared by models that lack some parts.
+    """
+    self._assignments: list[Assignment] = []
+    self._require_match = require_match
+
+  @property
+  def batch(self) -> _keys.BatchIndexer:
+    """Builds elements that keep all matched keys in one group: `mgr.batch[0:4]`."""
+    return _keys.batch
+
+  @property
+  def assignments(self) -> tuple[Assignment, ...]:
+    """The assignments in order; later ones override earlier ones."""
+    return tuple(self._assignments)
+
+  def __setitem__(self, key: Any, value: Any) -> None:
+    self.assign(key, value)
+
+  def assign(self, key: Any, value: Any, *, required: bool | None = None) -> None:
+    """Assign `value` to the Variables that `key` selects.
+
+    Args:
+      key: A key as written inside `mgr[...]`: one element or a tuple.
+      value: An optax transform, a function rule, or None to freeze.
+      required: Whether building raises when `key` selects no Variable or
+        indexes past the end of a sequence. Defaults to the manager's
+        `require_match`.
+
+    Raises:
+      TypeError: The key has an element of an unsupported type, or `value`
+        is not a transform, a rule or None. The manager is left unchanged.
+    """
+    pattern = _keys.parse_key(key)
+    _check_value(value, pattern)
+    if required is None:
+      required = self._require_match
+    self._assignments.append(Assignment(pattern, value, required))
+
+  def label(self, model: Any, *, wrt: filterlib.Filter = nnx.Param) -> Groups:
+    """Resolve every assignment on `model` and store each Variable's label.
+
+    The label of each Variable selected by `wrt` is written to its metadata
+    under `"opt_group"`. Nothing is written when resolution fails.
+
+    Args:
+      model: The NNX model.
+      wrt: Filter of the Variables to optimize, as for `nnx.Optimizer`.
+
+    Returns:
+      The groups with their labels, transforms and sizes.
+
+    Raises:
+      UnmatchedPatternError: A required pattern selects no Variable.
+      IndexError: An index is out of range for its sequence.
+      UnassignedVariablesError: Variables are left without a group.
+      RuleError: A function rule failed for a Variable.
+    """
+    graph = ModelGraph(model, wrt)
+    groups = resolve(graph, self._assignments)
+
+    previous = []
+    try:
+      for path, variable in graph.variables:
+        previous.append((variable, variable.get_metadata(_transform.LABEL_KEY, None)))
+        variable.set_metadata(_transform.LABEL_KEY, groups.label_of(path))
+    except Exception:
+      # Leave no Variable half-labelled.
+      for variable, label in previous:
+        if label is None:
+          if variable.has_metadata(_transform.LABEL_KEY):
+            variable.del_metadata(_transform.LABEL_KEY)
+        else:
+          variable.set_metadata(_transform.LABEL_KEY, label)
+      raise
+    return groups
+
+  def build(
+    self, model: Any, *, wrt: filterlib.Filter = nnx.Param
+  ) -> optax.GradientTransformationExtraArgs:
+    """Label `model` and return the transform over `nnx.state(model, wrt)`.
+
+    Building twice with the same assignments gives the same labels and the
+    same optimizer-state structure.
+
+    Args:
+      model: The NNX model.
+      wrt: Filter of the Variables to optimize.
+
+    Returns:
+      An optax transform built on `optax.partition`, whose `init` takes
+      `nnx.state(model, wrt)` and whose `update` takes gradients of the same
+      structure (from `nnx.grad`).
+
+    Raises:
+      The errors of `label`.
+    """
+    groups = self.label(model, wrt=wrt)
+    return transform_for(model, groups, wrt)
+
+  def __repr__(self) -> str:
+    lines = [f"  {assignment!r}" for assignment in self._assignments]
+    return "OptimizerManager(\n" + "\n".join(lines) + "\n)" if lines else "OptimizerManager()"
+
+
+def transform_for(
+  model: Any, groups: Groups, wrt: filterlib.Filter, graph: bool | None = None
+) -> optax.GradientTransformationExtraArgs:
+  """Build the transform of a labelled model from its Variables' metadata."""
+  state = nnx.state(model, wrt, graph=graph)
+  labels = _transform.labels_from_metadata(state)
+  shapes = {
+    path: tuple(getattr(variable.get_value(), "shape", ()))
+    for path, variable in flatten_paths(state)
+  }
+  return _transform.partition(groups, labels, shapes)
+
+
+def _check_value(value: Any, pattern: tuple[_keys.Element, ...]) -> None:
+  where = _keys.format_pattern(pattern)
+  if value is None or isinstance(value, optax.GradientTransformation):
+    return
+  if not callable(value):
+    raise TypeError(
+      f"{where} = {type(value).__name__} {value!r:.60}: invalid value. {_VALUE_HELP}"
+    )
+  module = getattr(value, "__module__", "") or ""
+  if module.split(".")[0] == "optax":
+    name = getattr(value, "__name__", "transform")
+    raise TypeError(
+      f"{where} = optax.{name}: this is the optax factory, not a transform."
+      f" Call it, for example optax.{name}(1e-3)."
+    )
+  try:
+    inspect.signature(value).bind(None, None)
+  except TypeError as error:
+    raise TypeError(
+      f"{where} = {getattr(value, '__name__', value)!r}: a function rule must"
+      f" accept two positional arguments (modules, param): {error}"
+    ) from None
+  except ValueError:
+    # Some builtins have no signature; accept them and let calls fail loudly.
+    pass
