@@ -55,11 +55,16 @@ def fingerprint(value: Any) -> Hashable:
     >>> fingerprint(optax.adamw(1e-3)) == fingerprint(optax.adamw(2e-3))
     False
   """
-  return _fingerprint(value, 0, set())
+  return _fingerprint(value, 0, {})
 
 
-def _fingerprint(value: Any, depth: int, active: set[int]) -> Hashable:
-  if depth > _MAX_DEPTH or id(value) in active:
+def _fingerprint(value: Any, depth: int, active: dict[int, int]) -> Hashable:
+  if id(value) in active:
+    # A reference back into the value being fingerprinted (a recursive
+    # closure): record how far up it points, which is the same for equal
+    # configurations.
+    return ("cycle", depth - active[id(value)])
+  if depth > _MAX_DEPTH:
     return ("identity", id(value))
 
   if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
@@ -75,11 +80,11 @@ def _fingerprint(value: Any, depth: int, active: set[int]) -> Hashable:
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return _array_fingerprint(value)
 
-  active.add(id(value))
+  active[id(value)] = depth
   try:
     return _container_fingerprint(value, depth + 1, active)
   finally:
-    active.discard(id(value))
+    del active[id(value)]
 
 
 def _array_fingerprint(value: Any) -> Hashable:
@@ -91,7 +96,7 @@ def _array_fingerprint(value: Any) -> Hashable:
   return ("array", str(array.dtype), array.shape, digest)
 
 
-def _container_fingerprint(value: Any, depth: int, active: set[int]) -> Hashable:
+def _container_fingerprint(value: Any, depth: int, active: dict[int, int]) -> Hashable:
   def recurse(item: Any) -> Hashable:
     return _fingerprint(item, depth, active)
 

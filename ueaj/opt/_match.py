@@ -260,6 +260,7 @@ def nearest_paths(
   # Candidates are the keys that exist right where the pattern stopped; after
   # a `...` that can be anywhere below the reached nodes.
   if position > 0 and isinstance(pattern[position - 1], _keys.AnyDepth):
+    # The failing element may stand at any depth below the reached nodes.
     candidates = [descendant for node in nodes for descendant in _descendants(node)]
   else:
     candidates = [child for node in nodes for child in node.children.values()]
@@ -275,15 +276,20 @@ def nearest_paths(
     )
   else:
     scored = candidates
-  where = "the model root" if not nodes or not nodes[0].path else format_path(nodes[0].path)
-  if len(nodes) > 1:
-    where += f" (and {len(nodes) - 1} other places)"
-  reason = f"element {position} ({element!r}) matched nothing after {where}"
-  if isinstance(element, (_keys.Index, _keys.Slice)) and nodes and nodes[0].sequence_length is None:
-    reason += (
-      f"; {where} is a {type(nodes[0].obj).__name__}, not a sequence, so"
-      " integer indices and slices do not apply there"
-    )
+  after_any_depth = position > 0 and isinstance(pattern[position - 1], _keys.AnyDepth)
+  if after_any_depth:
+    reason = f"element {position} ({element!r}) matched no key at any depth"
+  else:
+    where = "the model root" if not nodes[0].path else repr(format_path(nodes[0].path))
+    if len(nodes) > 1:
+      where += f" (and {len(nodes) - 1} other places)"
+    reason = f"element {position} ({element!r}) matched no key below {where}"
+    length = nodes[0].sequence_length
+    if isinstance(element, (_keys.Index, _keys.Slice)) and length is None:
+      reason += (
+        f"; {type(nodes[0].obj).__name__} is not a sequence, so integer"
+        " indices and slices do not apply there"
+      )
   return reason, [format_path(child.path) for child in scored[:limit]]
 
 

@@ -1,0 +1,67 @@
+"""Configuration identity of transforms built by rules."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ueaj.opt._config import fingerprint
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: optax.adamw(1e-3, weight_decay=0.1),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)),
+    lambda: optax.adamw(optax.cosine_decay_schedule(1e-3, 100)),
+    lambda: optax.masked(optax.sgd(0.1), {"w": True}),
+    lambda: optax.sgd(jnp.float32(0.1)),
+    lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3),
+  ],
+)
+def test_equal_configs_equal(make):
+  assert fingerprint(make()) == fingerprint(make())
+
+
+@pytest.mark.parametrize(
+  "first, second",
+  [
+    (lambda: optax.adamw(1e-3), lambda: optax.adamw(2e-3)),
+    (lambda: optax.adamw(1e-3), lambda: optax.adam(1e-3)),
+    (lambda: optax.sgd(1), lambda: optax.sgd(1.0)),
+    (lambda: optax.sgd(np.float32(0.1)), lambda: optax.sgd(np.float32(0.2))),
+    (
+      lambda: optax.adamw(optax.cosine_decay_schedule(1e-3, 100)),
+      lambda: optax.adamw(optax.cosine_decay_schedule(1e-3, 200)),
+    ),
+    (lambda: optax.masked(optax.sgd(0.1), {"w": True}), lambda: optax.masked(optax.sgd(0.1), {"w": False})),
+  ],
+)
+def test_different_configs_differ(first, second):
+  assert fingerprint(first()) != fingerprint(second())
+
+
+def test_partial_compares_arguments():
+  assert fingerprint(functools.partial(optax.sgd, 0.1)) == fingerprint(functools.partial(optax.sgd, 0.1))
+  assert fingerprint(functools.partial(optax.sgd, 0.1)) != fingerprint(functools.partial(optax.sgd, 0.2))
+
+
+def test_opaque_object_identity():
+  class Opaque:
+    pass
+
+  first, second = Opaque(), Opaque()
+  assert fingerprint(first) == fingerprint(first)
+  assert fingerprint(first) != fingerprint(second)
+
+
+def test_recursive_closure_terminates():
+  def outer():
+    def inner(n):
+      return inner(n - 1) if n else 0
+
+    return inner
+
+  assert fingerprint(outer()) == fingerprint(outer())
