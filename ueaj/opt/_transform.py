@@ -51,16 +51,24 @@ def labels_from_metadata(state: Any) -> dict[Path, str]:
 def partition(groups: Groups, labels: dict[Path, str], shapes: dict[Path, tuple[int, ...]]):
   """Build the transform that applies each group's transform to its Variables.
 
+  The parameters are regrouped into `{label: (leaf, ...)}` before they reach
+  `optax.partition`, so each group's transform sees only its own leaves plus
+  one empty `optax.MaskedNode` per other group. Masking the full parameter
+  tree once per group instead would make tracing grow with groups times
+  Variables. The numbers are the same: every group's transform receives its
+  own leaves in path order.
+
   Args:
     groups: The resolved groups; frozen groups get `optax.set_to_zero()`,
       which holds no state.
-    labels: The label of every parameter path.
+    labels: The label of every parameter path, in the parameters' order.
     shapes: The shape of every parameter path, to check inputs against.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` over states with exactly the
     paths of `labels`. Inputs with other paths or shapes raise
-    `StructureMismatchError` before optax sees them.
+    `StructureMismatchError` before optax sees them. Its state is an
+    `optax.PartitionState` keyed by group label.
   """
   transforms = {
     group.label: optax.set_to_zero() if group.frozen else group.transform
@@ -75,41 +83,62 @@ def partition(groups: Groups, labels: dict[Path, str], shapes: dict[Path, tuple[
       " labelled it."
     )
 
-  def label_tree(tree: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(
-      lambda keypath, _: labels[path_of(keypath)],
-      tree,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+  # Where each leaf goes: its group's label and its position in that group.
+  members: dict[str, list[int]] = {label: [] for label in transforms}
+  for position, label in enumerate(labels.values()):
+    members[label].append(position)
+  members = {label: positions for label, positions in members.items() if positions}
+  inner = optax.partition(
+    {label: transforms[label] for label in members},
+    lambda regrouped: {label: label for label in regrouped},
+  )
 
-  inner = optax.partition(transforms, label_tree)
+  def regroup(tree: Any, what: str) -> tuple[dict[str, tuple], Any]:
+    leaves, treedef = check_structure(tree, what, labels, shapes)
+    grouped = {
+      label: tuple(leaves[position] for position in positions)
+      for label, positions in members.items()
+    }
+    return grouped, treedef
 
   def init_fn(params):
-    check_structure(params, "parameters", labels, shapes)
-    return inner.init(params)
+    grouped, _ = regroup(params, "parameters")
+    return inner.init(grouped)
 
   def update_fn(updates, state, params=None, **extra_args):
-    check_structure(updates, "gradients", labels, shapes)
-    if params is not None:
-      check_structure(params, "parameters", labels, shapes)
-    return inner.update(updates, state, params, **extra_args)
+    grouped_updates, treedef = regroup(updates, "gradients")
+    grouped_params = None if params is None else regroup(params, "parameters")[0]
+    new_updates, state = inner.update(
+      grouped_updates, state, grouped_params, **extra_args
+    )
+    leaves = [None] * len(labels)
+    for label, positions in members.items():
+      for position, leaf in zip(positions, new_updates[label]):
+        leaves[position] = leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def check_structure(
   tree: Any, what: str, labels: dict[Path, str], shapes: dict[Path, tuple[int, ...]]
-) -> None:
-  """Raise a readable error if `tree` does not have the built paths and shapes.
+) -> tuple[list[Any], Any]:
+  """Flatten `tree`, raising a readable error unless it has the built paths and shapes.
 
   This runs in Python while tracing, so under `jax.jit` it costs nothing per
   step.
+
+  Returns:
+    The leaves (Variables count as leaves) in path order and the treedef.
 
   Raises:
     StructureMismatchError: Naming the first missing or unexpected path, or
       the first path whose shape differs.
   """
-  leaves = flatten_paths(tree)
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+  leaves = [(path_of(keypath), leaf) for keypath, leaf in keyed]
   paths = [path for path, _ in leaves]
   if paths != list(labels):
     present = set(paths)
@@ -140,6 +169,7 @@ def check_structure(
         f" parameter has shape {shapes[path]} (size"
         f" {math.prod(shapes[path])})."
       )
+  return [leaf for _, leaf in leaves], treedef
 
 
 def _shape_of(leaf: Any) -> tuple[int, ...] | None:
