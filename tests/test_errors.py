@@ -141,7 +141,12 @@ def test_build_index_on_module(model):
   mgr = manager((..., optax.sgd(1.0)), (("embed", 0), optax.sgd(0.1)))
   with pytest.raises(
     opt.UnmatchedPatternError,
-    match=r"below 'embed'; Embed is not a sequence, so integer indices and slices do not apply",
+    match=re.escape(
+      "below 'embed'; Embed is neither a sequence nor a declared stack, so integer"
+      " indices and slices do not apply there. If its Variables are stacked along a"
+      " layer axis by nnx.vmap or nnx.scan, declare it first:"
+      " mgr.declare_stack('embed', axis=0)."
+    ),
   ):
     mgr.build(model)
 

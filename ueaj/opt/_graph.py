@@ -25,6 +25,9 @@ class ParamInfo:
       has none (for example under `nnx.eval_shape`).
     path: Path keys from the root model to the Variable.
     metadata: The Variable's metadata (a read-only view).
+    layer: For a Variable of a declared stack, the layer the call is for;
+      `shape` and `sharding` then describe that layer's slice. None for
+      other Variables.
   """
 
   shape: tuple[int, ...]
@@ -32,6 +35,7 @@ class ParamInfo:
   sharding: Any
   path: Path
   metadata: Mapping[str, Any]
+  layer: int | None = None
 
   @property
   def ndim(self) -> int:
@@ -47,21 +51,36 @@ class ParamInfo:
     return size
 
   def __repr__(self) -> str:
+    layer = "" if self.layer is None else f", layer={self.layer}"
     return (
-      f"ParamInfo(path={format_path(self.path)!r}, shape={self.shape},"
+      f"ParamInfo(path={format_path(self.path)!r}{layer}, shape={self.shape},"
       f" dtype={self.dtype})"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """A module whose Variables carry a layer axis (made by `nnx.vmap`/`nnx.scan`).
+
+  Attributes:
+    axis: The layer axis of every Variable below the module.
+    length: Number of layers.
+  """
+
+  axis: int
+  length: int
 
 
 class GraphNode:
   """One node of the snapshot: a Module, container or Variable and its children."""
 
-  __slots__ = ("path", "obj", "children")
+  __slots__ = ("path", "obj", "children", "stack")
 
   def __init__(self, path: Path, obj: Any):
     self.path = path
     self.obj = obj
     self.children: dict[Any, GraphNode] = {}
+    self.stack: Stack | None = None
 
   @property
   def sequence_length(self) -> int | None:
@@ -116,6 +135,56 @@ class ModelGraph:
   def node(self, path: Path) -> GraphNode:
     return self._nodes[path]
 
+  def declare_stack(self, node: GraphNode, axis: int) -> None:
+    """Mark `node` as a stack whose Variables all carry a layer axis `axis`.
+
+    Raises:
+      ValueError: The node is a Variable or lies inside another stack, or a
+        Variable below it has no axis `axis` or a different number of layers.
+    """
+    where = format_path(node.path)
+    if node.is_variable:
+      raise ValueError(
+        f"declare_stack selects the Variable {where!r}; declare the module"
+        " that nnx.vmap or nnx.scan created instead."
+      )
+    for depth in range(len(node.path)):
+      outer = self._nodes[node.path[:depth]]
+      if outer.stack is not None and outer is not node:
+        raise ValueError(
+          f"Stack {where!r} lies inside the stack {format_path(outer.path)!r};"
+          " nested stacks are not supported."
+        )
+    lengths = {}
+    for path, variable in self.variables:
+      if path[: len(node.path)] != node.path:
+        continue
+      shape = tuple(getattr(variable.get_value(), "shape", ()))
+      if not -len(shape) <= axis < len(shape):
+        raise ValueError(
+          f"Stack {where!r}: the Variable {format_path(path)!r} has shape"
+          f" {shape}, which has no axis {axis}. Declare the stack with the"
+          " axis that nnx.vmap added (in_axes/out_axes, usually 0)."
+        )
+      lengths[path] = shape[axis]
+    if len(set(lengths.values())) > 1:
+      listed = ", ".join(f"{format_path(p)} has {n}" for p, n in list(lengths.items())[:4])
+      raise ValueError(
+        f"Stack {where!r}: Variables disagree on the number of layers along"
+        f" axis {axis} ({listed}). All Variables of a stacked module need the"
+        " same layer axis."
+      )
+    length = next(iter(lengths.values()))
+    node.stack = Stack(axis % len(shape), length)
+
+  def stack_above(self, path: Path) -> Stack | None:
+    """Return the stack that the Variable at `path` belongs to, if any."""
+    for depth in range(len(path)):
+      stack = self._nodes[path[:depth]].stack
+      if stack is not None:
+        return stack
+    return None
+
   def nodes(self) -> collections.abc.Iterable[GraphNode]:
     return self._nodes.values()
 
@@ -124,8 +193,13 @@ class ModelGraph:
     return tuple(self._nodes[path[:depth]].obj for depth in range(len(path)))
 
 
-def param_info(path: Path, variable: nnx.Variable) -> ParamInfo:
-  """Describe `variable` for a rule, without touching its value's data."""
+def param_info(
+  path: Path,
+  variable: nnx.Variable,
+  stack: Stack | None = None,
+  layer: int | None = None,
+) -> ParamInfo:
+  """Describe `variable`, or one layer of it, for a rule without reading its data."""
   value = variable.get_value()
   shape = tuple(getattr(value, "shape", ()))
   dtype = getattr(value, "dtype", None)
@@ -133,8 +207,21 @@ def param_info(path: Path, variable: nnx.Variable) -> ParamInfo:
     sharding = getattr(value, "sharding", None)
   except Exception:  # noqa: BLE001 - tracers and deleted arrays may raise here.
     sharding = None
+  if stack is not None:
+    shape = shape[: stack.axis] + shape[stack.axis + 1 :]
+    sharding = _layer_sharding(sharding, stack.axis)
   metadata = types.MappingProxyType(variable.get_metadata())
-  return ParamInfo(shape, dtype, sharding, path, metadata)
+  return ParamInfo(shape, dtype, sharding, path, metadata, layer)
+
+
+def _layer_sharding(sharding: Any, axis: int) -> Any:
+  # A layer's slice keeps the named sharding of the other axes; other
+  # sharding kinds have no per-axis form, so the slice reports none.
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = list(sharding.spec) + [None] * (axis + 1 - len(sharding.spec))
+    del spec[axis]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  return None
 
 
 def format_path(path: Path) -> str:

@@ -12,13 +12,15 @@ from flax import nnx
 
 from ueaj.opt import _config, _keys, _match
 from ueaj.opt._errors import RuleError, UnassignedVariablesError, UnmatchedPatternError
-from ueaj.opt._graph import ModelGraph, ParamInfo, format_path, param_info
+from ueaj.opt._graph import ModelGraph, ParamInfo, Stack, format_path, param_info
 from ueaj.opt._keys import Element, Path
 
 #: A function rule: called with the graph nodes on a Variable's path and a
 #: description of the Variable; returns a transform or None (frozen).
 Rule = Callable[[tuple[Any, ...], ParamInfo], "optax.GradientTransformation | None"]
 Value = "optax.GradientTransformation | Rule | None"
+#: A Variable's label: one string, or one per layer for a stacked Variable.
+Label = str | tuple[str, ...]
 
 # How many Variable paths an error lists before it summarizes the rest.
 _LISTED_PATHS = 20
@@ -68,7 +70,9 @@ class Group:
     assignment: Position of the winning assignment in the manager.
     source: The assignment as written, for example `mgr['layers', :] = rule decay`.
     transform: The group's transform, or None for frozen Variables.
-    paths: Paths of the group's Variables in NNX traversal order.
+    members: `(path, layer)` of every member in NNX traversal order; `layer`
+      is the layer of a stacked Variable's slice, or None for a whole
+      Variable.
     num_elements: Total number of parameter elements in the group.
     param_bytes: Total bytes of the group's parameters.
   """
@@ -77,9 +81,14 @@ class Group:
   assignment: int
   source: str
   transform: optax.GradientTransformation | None
-  paths: tuple[Path, ...]
+  members: tuple[tuple[Path, int | None], ...]
   num_elements: int
   param_bytes: int
+
+  @property
+  def paths(self) -> tuple[Path, ...]:
+    """Paths of the group's Variables, each once, in NNX traversal order."""
+    return tuple(dict.fromkeys(path for path, _ in self.members))
 
   @property
   def frozen(self) -> bool:
@@ -101,10 +110,18 @@ class Groups:
   static attribute of an NNX module at no cost per `nnx.jit` call.
   """
 
-  def __init__(self, groups: list[Group], labels: dict[Path, str]):
+  def __init__(
+    self,
+    groups: list[Group],
+    labels: dict[Path, Label],
+    stacks: dict[Path, Stack] | None = None,
+  ):
     self._groups = tuple(groups)
+    #: The stack of every stacked Variable path.
+    self.stacks: dict[Path, Stack] = dict(stacks or {})
     self._by_label = {group.label: group for group in groups}
     self._labels = labels
+    self._units: dict[str, tuple[str, int | None]] = {}
 
   def __len__(self) -> int:
     return len(self._groups)
@@ -127,9 +144,25 @@ class Groups:
     """Group labels in table order."""
     return tuple(self._by_label)
 
-  def label_of(self, path: Path) -> str:
-    """Return the label of the Variable at `path`."""
+  def label_of(self, path: Path) -> Label:
+    """Return the label of the Variable at `path` (per layer for a stack)."""
     return self._labels[path]
+
+  def unit_of(self, label: str) -> tuple[str, int | None]:
+    """Locate a group's state inside the optimizer state.
+
+    Returns:
+      `(key, index)`: the group's state is
+      `opt_state.inner_states[key].inner_state`, and when `index` is not
+      None, the group's part of it is entry `index` along the leading axis of
+      every array (groups whose updates run as one vectorized update).
+    """
+    self[label]
+    return self._units.get(label, (label, None))
+
+  def set_units(self, units: dict[str, tuple[str, int | None]]) -> None:
+    """Record where the transform placed each group (see `unit_of`)."""
+    self._units = dict(units)
 
   def table(self) -> str:
     """Format the groups as a text table."""
@@ -157,10 +190,11 @@ class Groups:
 
 
 def resolve(graph: ModelGraph, assignments: list[Assignment]) -> Groups:
-  """Decide the group of every Variable of `graph`.
+  """Decide the group of every Variable of `graph`, per layer inside stacks.
 
   Args:
-    graph: The snapshot of the model, restricted to the Variables to label.
+    graph: The snapshot of the model, restricted to the Variables to label,
+      with its stacks declared.
     assignments: The manager's assignments in order.
 
   Returns:
@@ -168,55 +202,78 @@ def resolve(graph: ModelGraph, assignments: list[Assignment]) -> Groups:
 
   Raises:
     UnmatchedPatternError: A required pattern selects no Variable.
-    IndexError: An integer index is out of range for its sequence.
+    IndexError: An integer index is out of range for its sequence or stack.
     UnassignedVariablesError: Some Variables have no group.
     RuleError: A function rule raised or returned an invalid value.
   """
   winners, reports = _match.match_all(graph, [a.pattern for a in assignments])
-  _check_patterns(assignments, reports)
+  check_patterns([a.pattern for a in assignments], [a.required for a in assignments], reports)
   _check_all_assigned(graph, winners)
 
-  # Call the rules and bucket Variables by (assignment, label parts,
-  # configuration); each bucket becomes one group.
-  buckets: dict[tuple[int, tuple[str, ...], Hashable], list[tuple[Path, nnx.Variable]]] = {}
-  transforms: dict[tuple[int, tuple[str, ...], Hashable], Any] = {}
+  # Call the rules and bucket members by (assignment, label parts,
+  # configuration); each bucket becomes one group. A member is a whole
+  # Variable or one layer of a stacked Variable.
+  Bucket = tuple[int, tuple[str, ...], Hashable]
+  buckets: dict[Bucket, list[tuple[Path, int | None, nnx.Variable]]] = {}
+  transforms: dict[Bucket, Any] = {}
+  member_buckets: dict[Path, list[Bucket]] = {}
   for path, variable in graph.variables:
-    match = winners[path]
-    transform = _value_for(assignments[match.assignment], graph, path, variable)
-    bucket = (match.assignment, match.parts, _config.fingerprint(transform))
-    buckets.setdefault(bucket, []).append((path, variable))
-    transforms.setdefault(bucket, transform)
+    stack = graph.stack_above(path)
+    result = winners[path]
+    if stack is None:
+      units = [(None, result)]
+    else:
+      units = list(enumerate(result))
+    for layer, match in units:
+      assignment = assignments[match.assignment]
+      transform = _value_for(assignment, graph, path, variable, stack, layer)
+      bucket = (match.assignment, match.parts, _config.fingerprint(transform))
+      buckets.setdefault(bucket, []).append((path, layer, variable))
+      transforms.setdefault(bucket, transform)
+      member_buckets.setdefault(path, []).append(bucket)
 
   labels = _label_buckets(list(buckets))
   groups = []
-  path_labels: dict[Path, str] = {}
   for bucket in sorted(buckets, key=lambda bucket: bucket[0]):
     members = buckets[bucket]
-    assignment = assignments[bucket[0]]
-    sizes = [_size_and_bytes(variable) for _, variable in members]
+    sizes = [
+      _size_and_bytes(variable, graph.stack_above(path) if layer is not None else None)
+      for path, layer, variable in members
+    ]
     groups.append(
       Group(
         label=labels[bucket],
         assignment=bucket[0],
-        source=repr(assignment),
+        source=repr(assignments[bucket[0]]),
         transform=transforms[bucket],
-        paths=tuple(path for path, _ in members),
+        members=tuple((path, layer) for path, layer, _ in members),
         num_elements=sum(size for size, _ in sizes),
         param_bytes=sum(nbytes for _, nbytes in sizes),
       )
     )
-    for path, _ in members:
-      path_labels[path] = labels[bucket]
-  return Groups(groups, path_labels)
+
+  path_labels: dict[Path, Label] = {}
+  for path, _ in graph.variables:
+    per_member = tuple(labels[bucket] for bucket in member_buckets[path])
+    path_labels[path] = per_member if graph.stack_above(path) is not None else per_member[0]
+  stacks = {
+    path: stack
+    for path, _ in graph.variables
+    if (stack := graph.stack_above(path)) is not None
+  }
+  return Groups(groups, path_labels, stacks)
 
 
-def _check_patterns(
-  assignments: list[Assignment], reports: list[_match.PatternReport]
+def check_patterns(
+  patterns: list[tuple[Element, ...]],
+  required: list[bool],
+  reports: list[_match.PatternReport],
 ) -> None:
-  for assignment, report in zip(assignments, reports):
-    if not assignment.required:
+  """Raise for the first required pattern that matched nothing or indexed out of range."""
+  for pattern, is_required, report in zip(patterns, required, reports):
+    if not is_required:
       continue
-    text = _keys.format_pattern(assignment.pattern)
+    text = _keys.format_pattern(pattern)
     anchored = [event for event in report.out_of_range if event.anchored]
     if anchored or (not report.matched and report.out_of_range):
       event = (anchored or report.out_of_range)[0]
@@ -228,7 +285,7 @@ def _check_patterns(
         " configuration shared by models of different depth."
       )
     if not report.matched:
-      reason, nearest = _match.nearest_paths(assignment.pattern, report)
+      reason, nearest = _match.nearest_paths(pattern, report)
       hint = "\n".join(f"  {path}" for path in nearest) or "  (none)"
       raise UnmatchedPatternError(
         f"{text} selects no Variable: {reason}.\nNearest existing paths:\n{hint}\n"
@@ -237,11 +294,19 @@ def _check_patterns(
       )
 
 
-def _check_all_assigned(graph: ModelGraph, winners: dict[Path, _match.Match]) -> None:
-  missing = [path for path, _ in graph.variables if path not in winners]
+def _check_all_assigned(graph: ModelGraph, winners: dict[Path, _match.Result]) -> None:
+  missing = []
+  for path, _ in graph.variables:
+    result = winners.get(path)
+    if result is None:
+      missing.append(format_path(path))
+    elif isinstance(result, tuple):
+      layers = [layer for layer, match in enumerate(result) if match is None]
+      if layers:
+        missing.append(f"{format_path(path)} (layers {_ranges(layers)})")
   if not missing:
     return
-  listed = "\n".join(f"  {format_path(path)}" for path in missing[:_LISTED_PATHS])
+  listed = "\n".join(f"  {path}" for path in missing[:_LISTED_PATHS])
   more = len(missing) - _LISTED_PATHS
   if more > 0:
     listed += f"\n  ... and {more} more"
@@ -253,26 +318,34 @@ def _check_all_assigned(graph: ModelGraph, winners: dict[Path, _match.Match]) ->
 
 
 def _value_for(
-  assignment: Assignment, graph: ModelGraph, path: Path, variable: nnx.Variable
+  assignment: Assignment,
+  graph: ModelGraph,
+  path: Path,
+  variable: nnx.Variable,
+  stack: Stack | None,
+  layer: int | None,
 ) -> optax.GradientTransformation | None:
   value = assignment.value
   if value is None or isinstance(value, optax.GradientTransformation):
     return value
 
   where = f"{_keys.format_pattern(assignment.pattern)} rule {assignment.rule_name!r}"
-  info = param_info(path, variable)
+  info = param_info(path, variable, stack, layer)
+  target = f"the Variable at {format_path(path)!r}"
+  if layer is not None:
+    target += f" (layer {layer})"
   try:
     result = value(graph.modules_on(path), info)
   except Exception as error:
     raise RuleError(
-      f"{where} raised {type(error).__name__} for the Variable at"
-      f" {format_path(path)!r} (shape {info.shape}, dtype {info.dtype}): {error}"
+      f"{where} raised {type(error).__name__} for {target} (shape {info.shape},"
+      f" dtype {info.dtype}): {error}"
     ) from error
   if result is not None and not isinstance(result, optax.GradientTransformation):
     raise RuleError(
-      f"{where} returned {type(result).__name__} {result!r:.80} for the Variable"
-      f" at {format_path(path)!r}; a rule must return an optax"
-      " GradientTransformation or None (to freeze the Variable)."
+      f"{where} returned {type(result).__name__} {result!r:.80} for {target}; a"
+      " rule must return an optax GradientTransformation or None (to freeze the"
+      " Variable)."
     )
   return result
 
@@ -307,9 +380,23 @@ def _label_buckets(
   return labels
 
 
-def _size_and_bytes(variable: nnx.Variable) -> tuple[int, int]:
+def _size_and_bytes(variable: nnx.Variable, stack: Stack | None) -> tuple[int, int]:
+  """Return the element count and bytes of a Variable, or of one layer of it."""
   value = variable.get_value()
   size = math.prod(getattr(value, "shape", ()))
+  if stack is not None:
+    size //= stack.length
   dtype = getattr(value, "dtype", None)
   itemsize = getattr(dtype, "itemsize", 0) if dtype is not None else 0
   return size, size * itemsize
+
+
+def _ranges(numbers: list[int]) -> str:
+  """Format sorted ints compactly: [0, 1, 2, 5] -> '0-2, 5'."""
+  spans = []
+  for number in numbers:
+    if spans and number == spans[-1][1] + 1:
+      spans[-1][1] = number
+    else:
+      spans.append([number, number])
+  return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -11,7 +11,8 @@ from flax.nnx import filterlib
 
 from ueaj.opt import _keys, _transform
 from ueaj.opt._graph import ModelGraph, flatten_paths
-from ueaj.opt._groups import Assignment, Groups, resolve
+from ueaj.opt._groups import Assignment, Groups, check_patterns, resolve
+from ueaj.opt._match import match_all
 
 _VALUE_HELP = (
   "Assign an optax GradientTransformation (optax.adamw(1e-3)), a function"
@@ -83,6 +84,7 @@ class OptimizerManager:
         for a configuration shared by models that lack some parts.
     """
     self._assignments: list[Assignment] = []
+    self._stacks: list[tuple[tuple[_keys.Element, ...], int, bool]] = []
     self._require_match = require_match
 
   @property
@@ -118,6 +120,34 @@ class OptimizerManager:
       required = self._require_match
     self._assignments.append(Assignment(pattern, value, required))
 
+  def declare_stack(self, key: Any, *, axis: int = 0, required: bool | None = None) -> None:
+    """Declare that the modules `key` selects hold layers stacked along `axis`.
+
+    `nnx.vmap` and `nnx.scan` build a stack of layers as one module whose
+    Variables all carry a layer axis. After this declaration an int, a
+    slice, a list or `batch[...]` placed right after such a module selects
+    layers along that axis, exactly as they select entries of an
+    `nnx.List`: `mgr['layers', :, 'attn']` gives every layer its own state
+    for both.
+
+    Args:
+      key: A key selecting the stacked module(s), as in `mgr[key]`.
+      axis: The layer axis of the module's Variables (`out_axes` of the
+        `nnx.vmap` that created them).
+      required: Whether building raises when `key` selects nothing; defaults
+        to the manager's `require_match`.
+
+    Raises:
+      TypeError: The key has an element of an unsupported type.
+      ValueError: `axis` is not an int.
+    """
+    pattern = _keys.parse_key(key)
+    if not isinstance(axis, int) or isinstance(axis, bool):
+      raise ValueError(f"declare_stack axis must be an int, got {axis!r}.")
+    if required is None:
+      required = self._require_match
+    self._stacks.append((pattern, axis, required))
+
   def label(self, model: Any, *, wrt: filterlib.Filter = nnx.Param) -> Groups:
     """Resolve every assignment on `model` and store each Variable's label.
 
@@ -138,6 +168,7 @@ class OptimizerManager:
       RuleError: A function rule failed for a Variable.
     """
     graph = ModelGraph(model, wrt)
+    self._declare_stacks(graph)
     groups = resolve(graph, self._assignments)
 
     previous = []
@@ -155,6 +186,16 @@ class OptimizerManager:
           variable.set_metadata(_transform.LABEL_KEY, label)
       raise
     return groups
+
+  def _declare_stacks(self, graph: ModelGraph) -> None:
+    if not self._stacks:
+      return
+    patterns = [pattern for pattern, _, _ in self._stacks]
+    _, reports = match_all(graph, patterns)
+    check_patterns(patterns, [required for _, _, required in self._stacks], reports)
+    for (_, axis, _), report in zip(self._stacks, reports):
+      for node in report.completed:
+        graph.declare_stack(node, axis)
 
   def build(
     self, model: Any, *, wrt: filterlib.Filter = nnx.Param
@@ -180,7 +221,11 @@ class OptimizerManager:
     return transform_for(model, groups, wrt)
 
   def __repr__(self) -> str:
-    lines = [f"  {assignment!r}" for assignment in self._assignments]
+    lines = [
+      f"  declare_stack({_keys.format_pattern(pattern)[4:-1]}, axis={axis})"
+      for pattern, axis, _ in self._stacks
+    ]
+    lines += [f"  {assignment!r}" for assignment in self._assignments]
     return "OptimizerManager(\n" + "\n".join(lines) + "\n)" if lines else "OptimizerManager()"
 
 
@@ -190,11 +235,10 @@ def transform_for(
   """Build the transform of a labelled model from its Variables' metadata."""
   state = nnx.state(model, wrt, graph=graph)
   labels = _transform.labels_from_metadata(state)
-  shapes = {
-    path: tuple(getattr(variable.get_value(), "shape", ()))
-    for path, variable in flatten_paths(state)
-  }
-  return _transform.partition(groups, labels, shapes)
+  values = {path: variable.get_value() for path, variable in flatten_paths(state)}
+  shapes = {path: tuple(getattr(value, "shape", ())) for path, value in values.items()}
+  dtypes = {path: getattr(value, "dtype", None) for path, value in values.items()}
+  return _transform.partition(groups, labels, shapes, dtypes)
 
 
 def _check_value(value: Any, pattern: tuple[_keys.Element, ...]) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 
 from ueaj.opt import _keys
-from ueaj.opt._graph import GraphNode, ModelGraph, format_path
+from ueaj.opt._graph import GraphNode, ModelGraph, Stack, format_path
 from ueaj.opt._keys import Element, Path
 
 # How many nodes to remember per pattern for the nearest-path hint.
@@ -29,9 +29,14 @@ class Match:
   parts: tuple[str, ...]
 
 
+#: The result for one Variable: one Match, or for a Variable of a declared
+#: stack one entry per layer (None where no assignment selects the layer).
+Result = Match | tuple[Match | None, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class OutOfRange:
-  """An integer index that fell outside a sequence while matching."""
+  """An integer index that fell outside a sequence or stack while matching."""
 
   position: int
   index: int
@@ -44,14 +49,58 @@ class OutOfRange:
 class PatternReport:
   """What one pattern did during the walk, for errors and hints."""
 
-  matched: int = 0
+  # Nodes at which the pattern was fully consumed.
+  completed: list[GraphNode] = dataclasses.field(default_factory=list)
   out_of_range: list[OutOfRange] = dataclasses.field(default_factory=list)
   # The furthest pattern position that was reached, and where.
   best_position: int = -1
   best_nodes: list[GraphNode] = dataclasses.field(default_factory=list)
 
+  @property
+  def matched(self) -> bool:
+    return bool(self.completed)
 
-_State = tuple[int, tuple[str, ...]]
+
+# A state of a pattern's automaton: (position, label parts, layers). Inside a
+# stack, `layers` maps each selected layer to its label part, which replaces
+# the `_LAYER` placeholder in the parts; elsewhere it is None.
+_LAYER = None
+_State = tuple[int, tuple, tuple[tuple[int, str], ...] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Winner:
+  """The best match so far on the current path, per layer inside a stack."""
+
+  base: Match | None = None
+  layers: tuple[tuple[int, Match], ...] = ()
+
+  def floor(self) -> int:
+    """Return the lowest assignment that still wins somewhere (-1 if unknown)."""
+    if self.base is None:
+      return -1
+    return min([self.base.assignment, *(match.assignment for _, match in self.layers)])
+
+  def merge(self, number: int, parts: tuple, layers) -> _Winner:
+    """Apply a completion of assignment `number`; later assignments win."""
+    if layers is None:
+      match = Match(number, parts)
+      base = match if self.base is None or self.base.assignment < number else self.base
+      kept = tuple((i, m) for i, m in self.layers if m.assignment > number)
+      return _Winner(base, kept)
+    current = dict(self.layers)
+    for layer, text in layers:
+      effective = current.get(layer, self.base)
+      if effective is None or effective.assignment < number:
+        filled = tuple(text if part is _LAYER else part for part in parts)
+        current[layer] = Match(number, filled)
+    return _Winner(self.base, tuple(sorted(current.items())))
+
+  def result(self, stack: Stack | None) -> Result | None:
+    if stack is None:
+      return self.base
+    per_layer = dict(self.layers)
+    return tuple(per_layer.get(layer, self.base) for layer in range(stack.length))
 
 
 class _Matcher:
@@ -60,46 +109,46 @@ class _Matcher:
     self.patterns = patterns
     self.reports = [PatternReport() for _ in patterns]
     self.anchored_until = [_anchored_length(pattern) for pattern in patterns]
-    self.winners: dict[Path, Match] = {}
+    self.winners: dict[Path, Result] = {}
     self._reported_ranges: set[tuple[int, int, Path]] = set()
 
   def run(self) -> None:
     states = {
-      number: self._closure(number, [(0, ())], self.graph.root)
+      number: self._closure(number, [(0, (), None)], self.graph.root)
       for number in range(len(self.patterns))
     }
-    self._visit(self.graph.root, states, None)
+    self._visit(self.graph.root, states, _Winner(), None)
 
   def _visit(
     self,
     node: GraphNode,
     states: dict[int, list[_State]],
-    winner: Match | None,
+    winner: _Winner,
+    stack: Stack | None,
   ) -> None:
     # Step 1: patterns consumed at this node select everything below it.
     for number, active in states.items():
-      for position, parts in active:
+      for position, parts, layers in active:
         if position == len(self.patterns[number]):
-          report = self.reports[number]
-          report.matched += 1
-          if winner is None or number > winner.assignment:
-            winner = Match(number, parts)
+          self.reports[number].completed.append(node)
+          winner = winner.merge(number, parts, layers)
           break
 
     if node.is_variable:
-      if winner is not None:
-        self.winners[node.path] = winner
+      result = winner.result(stack)
+      if result is not None:
+        self.winners[node.path] = result
       return
 
     # Step 2: keep only the patterns that can still change the result. A
     # pattern that already matched elsewhere and cannot beat the current
     # winner is dropped, which keeps the walk linear in practice.
-    floor = -1 if winner is None else winner.assignment
+    floor = winner.floor()
     live = {
       number: active
       for number, active in states.items()
       if active
-      and all(position < len(self.patterns[number]) for position, _ in active)
+      and all(position < len(self.patterns[number]) for position, _, _ in active)
       and (number > floor or not self.reports[number].matched)
     }
 
@@ -108,22 +157,26 @@ class _Matcher:
       child_states = {}
       for number, active in live.items():
         advanced = []
-        for position, parts in active:
+        for position, parts, layers in active:
           element = self.patterns[number][position]
           if isinstance(element, _keys.AnyDepth):
-            advanced.append((position, parts))
+            advanced.append((position, parts, layers))
             continue
           part = self._step(number, position, element, node, key, child)
           if part is not None:
-            advanced.append((position + 1, (*parts, part)))
+            advanced.append((position + 1, (*parts, part), layers))
         if advanced:
           child_states[number] = self._closure(number, advanced, child)
-      self._visit(child, child_states, winner)
+      self._visit(child, child_states, winner, child.stack or stack)
 
   def _closure(
     self, number: int, states: list[_State], node: GraphNode
   ) -> list[_State]:
-    """Add the states reached by letting `...` match no key, then record progress."""
+    """Add the states reached without consuming a key, then record progress.
+
+    Those are `...` matching no key, and at a declared stack, an index,
+    slice or list selecting layers along the stack's axis.
+    """
     pattern = self.patterns[number]
     result: list[_State] = []
     seen: set[_State] = set()
@@ -134,18 +187,68 @@ class _Matcher:
         continue
       seen.add(state)
       result.append(state)
-      position, parts = state
-      if position < len(pattern) and isinstance(pattern[position], _keys.AnyDepth):
-        queue.append((position + 1, (*parts, "...")))
+      position, parts, layers = state
+      if position >= len(pattern):
+        continue
+      element = pattern[position]
+      if isinstance(element, _keys.AnyDepth):
+        queue.append((position + 1, (*parts, "..."), layers))
+      elif node.stack is not None and layers is None:
+        selected = self._select_layers(number, position, element, node)
+        if selected:
+          queue.append((position + 1, (*parts, _LAYER), selected))
 
     report = self.reports[number]
-    furthest = max(position for position, _ in result)
+    furthest = max(position for position, _, _ in result)
     if furthest > report.best_position:
       report.best_position = furthest
       report.best_nodes = [node]
     elif furthest == report.best_position and len(report.best_nodes) < _HINT_NODES:
       report.best_nodes.append(node)
     return result
+
+  def _select_layers(
+    self, number: int, position: int, element: Element, node: GraphNode
+  ) -> tuple[tuple[int, str], ...]:
+    """Return the layers of a stack that `element` selects, with their label parts."""
+    length = node.stack.length
+    if isinstance(element, _keys.Batch):
+      text = batch_label(element)
+      inner = self._select_layers(number, position, element.inner, node)
+      return tuple((layer, text) for layer, _ in inner)
+    if isinstance(element, _keys.Index):
+      layer = self._normalize(number, position, element.index, node, length)
+      return () if layer is None else ((layer, str(layer)),)
+    if isinstance(element, _keys.Slice):
+      return tuple((layer, str(layer)) for layer in element.indices(length))
+    if isinstance(element, _keys.AnyOf):
+      selected = {}
+      for option in element.options:
+        for layer, text in self._select_layers(number, position, option, node):
+          selected.setdefault(layer, text)
+      return tuple(selected.items())
+    return ()
+
+  def _normalize(
+    self, number: int, position: int, index: int, node: GraphNode, length: int
+  ) -> int | None:
+    """Wrap a negative index; record and reject one outside `length`."""
+    normalized = index + length if index < 0 else index
+    if 0 <= normalized < length:
+      return normalized
+    marker = (number, index, node.path)
+    if marker not in self._reported_ranges:
+      self._reported_ranges.add(marker)
+      self.reports[number].out_of_range.append(
+        OutOfRange(
+          position,
+          index,
+          node.path,
+          length,
+          anchored=position < self.anchored_until[number],
+        )
+      )
+    return None
 
   def _step(
     self,
@@ -187,20 +290,8 @@ class _Matcher:
     if length is None:
       # Mappings may have int keys; those match exactly, without wrapping.
       return str(key) if key == index and isinstance(key, int) else None
-    normalized = index + length if index < 0 else index
-    if not 0 <= normalized < length:
-      marker = (number, index, node.path)
-      if marker not in self._reported_ranges:
-        self._reported_ranges.add(marker)
-        self.reports[number].out_of_range.append(
-          OutOfRange(
-            position,
-            index,
-            node.path,
-            length,
-            anchored=position < self.anchored_until[number],
-          )
-        )
+    normalized = self._normalize(number, position, index, node, length)
+    if normalized is None:
       return None
     return str(key) if key == normalized else None
 
@@ -227,7 +318,7 @@ def batch_label(element: _keys.Batch) -> str:
 
 def match_all(
   graph: ModelGraph, patterns: list[tuple[Element, ...]]
-) -> tuple[dict[Path, Match], list[PatternReport]]:
+) -> tuple[dict[Path, Result], list[PatternReport]]:
   """Match every pattern against the graph in one walk.
 
   Args:
@@ -236,8 +327,9 @@ def match_all(
       ones Variable by Variable.
 
   Returns:
-    The winning match per Variable path (Variables that no pattern selects
-    are absent) and one report per pattern.
+    The winning match per Variable path, per layer for Variables of a
+    declared stack (Variables that no pattern selects are absent), and one
+    report per pattern.
   """
   matcher = _Matcher(graph, patterns)
   matcher.run()
@@ -287,10 +379,16 @@ def nearest_paths(
     length = nodes[0].sequence_length
     if isinstance(element, (_keys.Index, _keys.Slice)) and length is None:
       reason += (
-        f"; {type(nodes[0].obj).__name__} is not a sequence, so integer"
-        " indices and slices do not apply there"
+        f"; {type(nodes[0].obj).__name__} is neither a sequence nor a declared"
+        " stack, so integer indices and slices do not apply there. If its"
+        " Variables are stacked along a layer axis by nnx.vmap or nnx.scan,"
+        f" declare it first: mgr.declare_stack({_key_text(nodes[0].path)}, axis=0)"
       )
   return reason, [format_path(child.path) for child in scored[:limit]]
+
+
+def _key_text(path: Path) -> str:
+  return ", ".join(repr(key) for key in path) or "..."
 
 
 def _descendants(node: GraphNode) -> list[GraphNode]:

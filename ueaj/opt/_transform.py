@@ -6,26 +6,30 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from ueaj.opt._errors import MissingLabelError, StructureMismatchError
 from ueaj.opt._graph import flatten_paths, format_path, path_of
-from ueaj.opt._groups import Groups
+from ueaj.opt._groups import Groups, Label
 from ueaj.opt._keys import Path
+from ueaj.opt._plan import Piece, Unit, plan_units
 
 #: The Variable metadata key that holds a Variable's group label.
 LABEL_KEY = "opt_group"
 
 
-def labels_from_metadata(state: Any) -> dict[Path, str]:
+def labels_from_metadata(state: Any) -> dict[Path, Label]:
   """Read the group label of every Variable in `state` from its metadata.
 
   Args:
     state: An `nnx.State` of Variables, as returned by `nnx.state(model, wrt)`.
 
   Returns:
-    The label of each Variable path, in the state's order.
+    The label of each Variable path, in the state's order: a string, or a
+    tuple of per-layer labels for a stacked Variable.
 
   Raises:
     MissingLabelError: A Variable carries no label.
@@ -48,80 +52,119 @@ def labels_from_metadata(state: Any) -> dict[Path, str]:
   return labels
 
 
-def partition(groups: Groups, labels: dict[Path, str], shapes: dict[Path, tuple[int, ...]]):
+def partition(
+  groups: Groups,
+  labels: dict[Path, Label],
+  shapes: dict[Path, tuple[int, ...]],
+  dtypes: dict[Path, Any],
+) -> optax.GradientTransformationExtraArgs:
   """Build the transform that applies each group's transform to its Variables.
 
-  The parameters are regrouped into `{label: (leaf, ...)}` before they reach
-  `optax.partition`, so each group's transform sees only its own leaves plus
-  one empty `optax.MaskedNode` per other group. Masking the full parameter
-  tree once per group instead would make tracing grow with groups times
-  Variables. The numbers are the same: every group's transform receives its
-  own leaves in path order.
+  The parameters are regrouped into `{unit key: (piece, ...)}` before they
+  reach `optax.partition` (see `_plan` for units and pieces), so each
+  transform sees only its own leaves plus one empty `optax.MaskedNode` per
+  other unit. Masking the full parameter tree once per group instead would
+  make tracing grow with groups times Variables. The numbers are those of
+  running every group's transform on its own leaves in path order.
 
   Args:
     groups: The resolved groups; frozen groups get `optax.set_to_zero()`,
       which holds no state.
-    labels: The label of every parameter path, in the parameters' order.
+    labels: The label of every parameter path (per layer for a stacked
+      Variable), in the parameters' order.
     shapes: The shape of every parameter path, to check inputs against.
+    dtypes: The dtype of every parameter path.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` over states with exactly the
     paths of `labels`. Inputs with other paths or shapes raise
     `StructureMismatchError` before optax sees them. Its state is an
-    `optax.PartitionState` keyed by group label.
+    `optax.PartitionState` keyed by unit; `groups.unit_of(label)` locates a
+    group in it.
   """
-  transforms = {
-    group.label: optax.set_to_zero() if group.frozen else group.transform
-    for group in groups
+  known = set(groups.labels)
+  used = {
+    layer_label
+    for label in labels.values()
+    for layer_label in (label if isinstance(label, tuple) else (label,))
   }
-  unknown = sorted(set(labels.values()) - transforms.keys())
+  unknown = sorted(used - known)
   if unknown:
     raise MissingLabelError(
       f"Labels {unknown} in the Variables' metadata belong to no group of this"
-      f" configuration (groups: {list(transforms)}). The model was labelled by"
+      f" configuration (groups: {list(known)}). The model was labelled by"
       " another configuration; build the optimizer from the manager that"
       " labelled it."
     )
 
-  # Where each leaf goes: its group's label and its position in that group.
-  members: dict[str, list[int]] = {label: [] for label in transforms}
-  for position, label in enumerate(labels.values()):
-    members[label].append(position)
-  members = {label: positions for label, positions in members.items() if positions}
+  units = [unit for unit in plan_units(groups, labels, shapes, dtypes) if unit.pieces]
+  groups.set_units(
+    {label: (unit.key, index if unit.vectorized else None)
+     for unit in units for index, label in enumerate(unit.labels)}
+  )
   inner = optax.partition(
-    {label: transforms[label] for label in members},
-    lambda regrouped: {label: label for label in regrouped},
+    {unit.key: unit.transform for unit in units},
+    lambda regrouped: {key: key for key in regrouped},
   )
 
-  def regroup(tree: Any, what: str) -> tuple[dict[str, tuple], Any]:
+  def regroup(tree: Any, what: str) -> tuple[dict[str, tuple], list[Any], Any]:
     leaves, treedef = check_structure(tree, what, labels, shapes)
+    values = [leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf for leaf in leaves]
     grouped = {
-      label: tuple(leaves[position] for position in positions)
-      for label, positions in members.items()
+      unit.key: tuple(piece.take(values[piece.position]) for piece in unit.pieces)
+      for unit in units
     }
-    return grouped, treedef
+    return grouped, leaves, treedef
 
   def init_fn(params):
-    grouped, _ = regroup(params, "parameters")
+    grouped, _, _ = regroup(params, "parameters")
     return inner.init(grouped)
 
   def update_fn(updates, state, params=None, **extra_args):
-    grouped_updates, treedef = regroup(updates, "gradients")
+    grouped_updates, leaves, treedef = regroup(updates, "gradients")
     grouped_params = None if params is None else regroup(params, "parameters")[0]
     new_updates, state = inner.update(
       grouped_updates, state, grouped_params, **extra_args
     )
-    leaves = [None] * len(labels)
-    for label, positions in members.items():
-      for position, leaf in zip(positions, new_updates[label]):
-        leaves[position] = leaf
-    return jax.tree_util.tree_unflatten(treedef, leaves), state
+    values = _reassemble(units, new_updates, len(leaves))
+    # Gradients given as Variables get their updates back as Variables.
+    out = [
+      type(leaf).from_metadata(value, leaf.get_metadata())
+      if isinstance(leaf, nnx.Variable)
+      else value
+      for leaf, value in zip(leaves, values)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _reassemble(units: list[Unit], grouped: dict[str, tuple], count: int) -> list[Any]:
+  """Put the units' update pieces back together, one array per leaf."""
+  parts: list[list[tuple[Piece, Any]]] = [[] for _ in range(count)]
+  for unit in units:
+    for piece, value in zip(unit.pieces, grouped[unit.key]):
+      parts[piece.position].append((piece, value))
+
+  values = []
+  for pieces in parts:
+    if len(pieces) == 1 and pieces[0][0].layers is None:
+      values.append(pieces[0][1])
+      continue
+    # Layers of one stacked leaf updated by several units: concatenate the
+    # pieces along the layer axis, then restore the layer order.
+    pieces.sort(key=lambda item: item[0].layers[0])
+    axis = pieces[0][0].axis
+    order = [layer for piece, _ in pieces for layer in piece.layers]
+    joined = jnp.concatenate([value for _, value in pieces], axis=axis)
+    if order != sorted(order):
+      joined = jnp.take(joined, np.argsort(np.asarray(order)), axis=axis)
+    values.append(joined)
+  return values
+
+
 def check_structure(
-  tree: Any, what: str, labels: dict[Path, str], shapes: dict[Path, tuple[int, ...]]
+  tree: Any, what: str, labels: dict[Path, Label], shapes: dict[Path, tuple[int, ...]]
 ) -> tuple[list[Any], Any]:
   """Flatten `tree`, raising a readable error unless it has the built paths and shapes.
 
