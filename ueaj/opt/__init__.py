@@ -20,10 +20,13 @@ from ueaj.opt._groups import Assignment, Group, Groups
 from ueaj.opt._keys import batch
 from ueaj.opt._manager import OptimizerManager
 from ueaj.opt._optimizer import Optimizer
+from ueaj.opt._render import Rendering, RenderWarning, render, render_html, render_text
+from ueaj.opt._summary import Explanation, Summary, describe_transform, explain, summary
 from ueaj.opt._transform import LABEL_KEY
 
 __all__ = [
   "Assignment",
+  "Explanation",
   "Group",
   "Groups",
   "LABEL_KEY",
@@ -31,9 +34,18 @@ __all__ = [
   "Optimizer",
   "OptimizerManager",
   "ParamInfo",
+  "RenderWarning",
+  "Rendering",
   "RuleError",
   "StructureMismatchError",
+  "Summary",
   "UnassignedVariablesError",
   "UnmatchedPatternError",
   "batch",
+  "describe_transform",
+  "explain",
+  "render",
+  "render_html",
+  "render_text",
+  "summary",
 ]

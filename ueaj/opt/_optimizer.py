@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax.nnx import filterlib
@@ -98,3 +100,133 @@ class Optimizer(nnx.Optimizer[M]):
         shapes.
     """
     return super().update(model, grads, **kwargs)
+
+  @property
+  def hyperparams(self) -> dict[str, dict[str, jax.Array]]:
+    """Current hyperparameters of the groups made with `optax.inject_hyperparams`.
+
+    A mapping from group label to `{name: value}`, with one scalar array per
+    hyperparameter (traced inside `nnx.jit`). Groups without injected
+    hyperparameters, frozen groups among them, are absent. The mapping is a
+    copy: change values with `set_hyperparam`.
+
+    A scheduled hyperparameter (`learning_rate=optax.cosine_decay_schedule(...)`)
+    shows the value the schedule gave at the last step, or at step 0 before
+    the first update.
+
+    Examples:
+      >>> import optax
+      >>> from flax import nnx
+      >>> from ueaj import opt
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> mgr = opt.OptimizerManager()
+      >>> mgr[...] = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+      >>> mgr['bias'] = None
+      >>> optimizer = opt.Optimizer(model, mgr, wrt=nnx.Param)
+      >>> optimizer.hyperparams
+      {'...': {'learning_rate': Array(0.1, dtype=float32)}}
+      >>> optimizer.set_hyperparam('...', 'learning_rate', 0.05)
+      >>> float(optimizer.hyperparams['...']['learning_rate'])
+      0.05000000074505806
+    """
+    result = {}
+    for label in self.groups.labels:
+      found = self._injected_state(label)
+      if found is not None:
+        state, index = found
+        result[label] = {
+          name: _entry(variable, index) for name, variable in state.hyperparams.items()
+        }
+    return result
+
+  def set_hyperparam(self, label: str, name: str, value: Any) -> None:
+    """Set hyperparameter `name` of group `label`, for the next updates.
+
+    Works inside and outside `nnx.jit`. The value is converted to the
+    hyperparameter's dtype (float32 unless `inject_hyperparams` was given
+    another `hyperparam_dtype`).
+
+    Args:
+      label: The group's label, as in `optimizer.groups.labels`.
+      name: The hyperparameter, as in `optimizer.hyperparams[label]`.
+      value: A scalar: a Python number or a 0-d array (traced inside `nnx.jit`).
+
+    Raises:
+      KeyError: No group has this label, or the group has no hyperparameter
+        `name`.
+      ValueError: The group's transform was not made with
+        `optax.inject_hyperparams`; a schedule computes this hyperparameter
+        at every step; or `value` is not a scalar.
+    """
+    if label not in self.groups.labels:
+      raise KeyError(
+        f"No group is labelled {label!r}. Groups with injected hyperparameters:"
+        f" {self._injected_labels()}."
+      )
+    found = self._injected_state(label)
+    if found is None:
+      raise ValueError(
+        f"Group {label!r} has no injected hyperparameters. Make its transform"
+        " with optax.inject_hyperparams, for example"
+        " optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3). Groups with"
+        f" injected hyperparameters: {self._injected_labels()}."
+      )
+    state, index = found
+    if name not in state.hyperparams:
+      raise KeyError(
+        f"Group {label!r} has no hyperparameter {name!r}; its hyperparameters"
+        f" are {sorted(state.hyperparams)}."
+      )
+    if name in state.hyperparams_states:
+      raise ValueError(
+        f"Hyperparameter {name!r} of group {label!r} follows a schedule, which"
+        " sets it again at every step. Pass a number to inject_hyperparams"
+        " for a hyperparameter you want to set."
+      )
+    variable = state.hyperparams[name]
+    current = variable.get_value()
+    new = jnp.asarray(value, dtype=current.dtype)
+    if new.shape != ():
+      raise ValueError(
+        f"Hyperparameter {name!r} of group {label!r} takes a scalar, got shape"
+        f" {new.shape}."
+      )
+    if index is not None:
+      new = current.at[index].set(new)
+    variable.set_value(new)
+
+  def _injected_state(self, label: str) -> tuple[Any, int | None] | None:
+    """Find the group's `inject_hyperparams` state and its index, or None."""
+    key, index = self.groups.unit_of(label)
+    state = _find_injected(self.opt_state.inner_states[key].inner_state)
+    return None if state is None else (state, index)
+
+  def _injected_labels(self) -> list[str]:
+    return [label for label in self.groups.labels if self._injected_state(label) is not None]
+
+
+_INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _find_injected(state: Any) -> Any:
+  """Return the first `inject_hyperparams` state in `state`, depth first, or None."""
+  # NOTE: a group whose transform holds several inject_hyperparams states,
+  # such as a chain of two injected transforms, exposes only the first.
+  if isinstance(state, _INJECTED_STATES):
+    return state
+  if isinstance(state, (tuple, list)):
+    children = state
+  elif isinstance(state, dict):
+    children = state.values()
+  else:
+    return None
+  for child in children:
+    found = _find_injected(child)
+    if found is not None:
+      return found
+  return None
+
+
+def _entry(variable: Any, index: int | None) -> jax.Array:
+  value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+  return value if index is None else value[index]
