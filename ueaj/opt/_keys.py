@@ -166,7 +166,7 @@ def parse_element(raw: Any, where: str) -> Element:
     ValueError: If it has the right type but can never match (an empty list,
       a zero slice step).
   """
-  if isinstance(raw, Batch):
+  if isinstance(raw, (Batch, AnyDepth)):
     return raw
   if isinstance(raw, str):
     return Name(raw)
@@ -240,7 +240,11 @@ class BatchIndexer:
     if isinstance(raw, tuple):
       # batch[0, 2] reads better than batch[[0, 2]]; both mean the same.
       return Batch(_parse_list(raw, where))
-    return Batch(parse_element(raw, where))
+    inner = parse_element(raw, where)
+    if isinstance(inner, AnyDepth):
+      # `...` never splits groups, so batch[...] is the same element.
+      return inner
+    return Batch(inner)
 
   def __repr__(self) -> str:
     return "batch"

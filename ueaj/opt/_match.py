@@ -109,6 +109,13 @@ class _Matcher:
     self.patterns = patterns
     self.reports = [PatternReport() for _ in patterns]
     self.anchored_until = [_anchored_length(pattern) for pattern in patterns]
+    # Patterns with an index at a fixed depth must visit every sequence at
+    # that depth, so that an out-of-range index raises however the other
+    # assignments are ordered; they are never dropped early.
+    self.keep = [
+      any(_has_index(element) for element in pattern[:anchored])
+      for pattern, anchored in zip(patterns, self.anchored_until)
+    ]
     self.winners: dict[Path, Result] = {}
     self._reported_ranges: set[tuple[int, int, Path]] = set()
 
@@ -149,7 +156,7 @@ class _Matcher:
       for number, active in states.items()
       if active
       and all(position < len(self.patterns[number]) for position, _, _ in active)
-      and (number > floor or not self.reports[number].matched)
+      and (number > floor or not self.reports[number].matched or self.keep[number])
     }
 
     # Step 3: advance every live pattern by one key into each child.
@@ -296,12 +303,18 @@ class _Matcher:
     return str(key) if key == normalized else None
 
 
+def _has_index(element: Element) -> bool:
+  if isinstance(element, _keys.Batch):
+    return _has_index(element.inner)
+  if isinstance(element, _keys.AnyOf):
+    return any(isinstance(option, _keys.Index) for option in element.options)
+  return isinstance(element, _keys.Index)
+
+
 def _anchored_length(pattern: tuple[Element, ...]) -> int:
   """Return how many leading elements have a fixed depth (no `...` before them)."""
   for position, element in enumerate(pattern):
-    if isinstance(element, _keys.AnyDepth) or (
-      isinstance(element, _keys.Batch) and isinstance(element.inner, _keys.AnyDepth)
-    ):
+    if isinstance(element, _keys.AnyDepth):
       return position
   return len(pattern)
 
@@ -313,6 +326,8 @@ def batch_label(element: _keys.Batch) -> str:
     return ",".join(str(option) for option in map(repr, inner.options)).replace("'", "")
   if isinstance(inner, _keys.Name):
     return inner.key
+  if isinstance(inner, _keys.InstanceOf):
+    return inner.cls.__name__
   return repr(inner)
 
 

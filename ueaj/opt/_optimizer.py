@@ -25,6 +25,11 @@ class Optimizer(nnx.Optimizer[M]):
   works inside `nnx.jit`, `update(model, grads)` applies one step, and
   `nnx.state(optimizer)` holds the step count and every group's state.
 
+  When the optimizer is created inside `nnx.jit`, the labels are written to
+  the traced Variables, and NNX does not carry metadata changes back out of
+  the transform: the optimizer works, but the model outside has no labels.
+  Call `manager.label(model)` outside `nnx.jit` to see them on the model.
+
   Attributes:
     groups: The resolved groups (label, assignment, Variables, sizes);
       `print(optimizer.groups)` shows them as a table.
