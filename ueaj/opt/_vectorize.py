@@ -185,9 +185,9 @@ def vectorized(
     for slot in varying
   )
 
-  def layer_transform(row: tuple) -> optax.GradientTransformation:
+  def layer_transform(row: tuple) -> optax.GradientTransformationExtraArgs:
     if not varying:
-      return template
+      return optax.with_extra_args_support(template)
     values = list(leaves[0])
     for slot, value in zip(varying, row):
       values[slot] = value
