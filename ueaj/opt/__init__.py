@@ -8,6 +8,7 @@
 >>> mgr[..., 'bias'] = optax.adam(3e-4)
 """
 
+from ueaj.opt._checkpoint import CheckpointMismatchError, group_table, read_table, restore, save
 from ueaj.opt._errors import (
   MissingLabelError,
   RuleError,
@@ -20,12 +21,14 @@ from ueaj.opt._groups import Assignment, Group, Groups
 from ueaj.opt._keys import batch
 from ueaj.opt._manager import OptimizerManager
 from ueaj.opt._optimizer import Optimizer
+from ueaj.opt._precision import PrecisionState, check_dtype_stability, precision
 from ueaj.opt._render import Rendering, RenderWarning, render, render_html, render_text
 from ueaj.opt._summary import Explanation, Summary, describe_transform, explain, summary
 from ueaj.opt._transform import LABEL_KEY
 
 __all__ = [
   "Assignment",
+  "CheckpointMismatchError",
   "Explanation",
   "Group",
   "Groups",
@@ -34,6 +37,7 @@ __all__ = [
   "Optimizer",
   "OptimizerManager",
   "ParamInfo",
+  "PrecisionState",
   "RenderWarning",
   "Rendering",
   "RuleError",
@@ -42,10 +46,16 @@ __all__ = [
   "UnassignedVariablesError",
   "UnmatchedPatternError",
   "batch",
+  "check_dtype_stability",
   "describe_transform",
   "explain",
+  "group_table",
+  "read_table",
+  "precision",
   "render",
   "render_html",
   "render_text",
+  "restore",
+  "save",
   "summary",
 ]

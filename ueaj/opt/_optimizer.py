@@ -200,6 +200,87 @@ class Optimizer(nnx.Optimizer[M]):
       new = current.at[index].set(new)
     variable.set_value(new)
 
+  def reset(self, model: M, *key: str | int) -> tuple[str, ...]:
+    """Re-initialize the state of the groups whose Variables all lie under `key`.
+
+    `key` is a path prefix of str and int entries, as in `nnx.state` paths:
+    `optimizer.reset(model, 'layers', 3)` resets the groups of block 3 of
+    an `nnx.List`. After a declared stack's path, an int selects that layer:
+    `optimizer.reset(model, 'stack', 3)`. With no key every group is reset.
+
+    The new state is what `init` gives for the model's current parameters,
+    so re-initialize the layer's parameters first if they change too. Other
+    groups keep their state bit for bit. `optimizer.step` counts all updates
+    and is not reset. Each reset group's own step count (the `count` of Adam
+    and of schedules) restarts at 0, so bias correction and schedules start
+    over for it. In a vectorized unit only the reset layer's entry along the
+    leading axis changes.
+
+    Args:
+      model: The model the optimizer was built for.
+      *key: The path prefix.
+
+    Returns:
+      The labels of the groups that were reset.
+
+    Raises:
+      ValueError: No Variable lies under `key`, or a group has Variables
+        both under `key` and elsewhere; reset it with `reset_groups` or give
+        the selected part its own group.
+    """
+    inside, outside = set(), set()
+    for group in self.groups:
+      for path, layer in group.members:
+        under = _under(path, layer, key, self.groups)
+        (inside if under else outside).add(group.label)
+    if not inside:
+      raise ValueError(
+        f"No optimized Variable lies under {'/'.join(map(str, key))!r}; group"
+        f" labels are {list(self.groups.labels)}."
+      )
+    split = sorted(inside & outside)
+    if split:
+      raise ValueError(
+        f"Groups {split} have Variables both under {'/'.join(map(str, key))!r}"
+        " and elsewhere, so their shared state cannot be reset for part of"
+        " them. Reset whole groups with optimizer.reset_groups(model, labels),"
+        " or give the part its own group in the manager."
+      )
+    labels = tuple(label for label in self.groups.labels if label in inside)
+    self.reset_groups(model, labels)
+    return labels
+
+  def reset_groups(self, model: M, labels: Any) -> None:
+    """Re-initialize the state of the groups with the given labels (see `reset`).
+
+    Raises:
+      KeyError: A label names no group.
+    """
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    for label in labels:
+      self.groups[label]
+    places = [self.groups.unit_of(label) for label in labels]
+    keys = sorted({key for key, _ in places})
+    params = nnx.state(model, self.wrt, graph=self.graph)
+
+    # jit drops the state of the units that are not returned.
+    @jax.jit
+    def fresh_states(params):
+      state = self.tx.init(params)
+      return {key: state.inner_states[key].inner_state for key in keys}
+
+    fresh = fresh_states(params)
+    for key, index in places:
+      current = jax.tree.leaves(
+        self.opt_state.inner_states[key].inner_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+      )
+      for variable, value in zip(current, jax.tree.leaves(fresh[key]), strict=True):
+        if index is None:
+          variable.set_value(value)
+        else:
+          variable.set_value(variable.get_value().at[index].set(value[index]))
+
   def _injected_state(self, label: str) -> tuple[Any, int | None] | None:
     """Find the group's `inject_hyperparams` state and its index, or None."""
     key, index = self.groups.unit_of(label)
@@ -235,3 +316,29 @@ def _find_injected(state: Any) -> Any:
 def _entry(variable: Any, index: int | None) -> jax.Array:
   value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
   return value if index is None else value[index]
+
+
+
+def _under(path: tuple, layer: int | None, key: tuple, groups: Groups) -> bool:
+  """Check whether the member `(path, layer)` lies under the path prefix `key`.
+
+  For a stacked Variable's layer, an int in `key` where the path continues
+  with a name selects a layer: `('stack', 3)` selects layer 3 of
+  `stack/attn/kernel`, and so does `('stack', 'attn', 3)`.
+  """
+  position = 0
+  layer_used = False
+  for entry in key:
+    if position < len(path) and entry == path[position] and type(entry) is type(path[position]):
+      position += 1
+      continue
+    is_int = isinstance(entry, int) and not isinstance(entry, bool)
+    if layer is None or layer_used or not is_int:
+      return False
+    if position < len(path) and isinstance(path[position], int):
+      return False
+    length = groups.stacks[path].length
+    if entry % length != layer or not -length <= entry < length:
+      return False
+    layer_used = True
+  return True
