@@ -167,8 +167,7 @@ class OptimizerManager:
       UnassignedVariablesError: Variables are left without a group.
       RuleError: A function rule failed for a Variable.
     """
-    graph = ModelGraph(model, wrt)
-    self._declare_stacks(graph)
+    graph = graph_for(self, model, wrt)
     groups = resolve(graph, self._assignments)
 
     previous = []
@@ -227,6 +226,13 @@ class OptimizerManager:
     ]
     lines += [f"  {assignment!r}" for assignment in self._assignments]
     return "OptimizerManager(\n" + "\n".join(lines) + "\n)" if lines else "OptimizerManager()"
+
+
+def graph_for(manager: OptimizerManager, model: Any, wrt: filterlib.Filter) -> ModelGraph:
+  """Snapshot `model` with the manager's stacks declared, as `label` sees it."""
+  graph = ModelGraph(model, wrt)
+  manager._declare_stacks(graph)
+  return graph
 
 
 def transform_for(

@@ -16,7 +16,7 @@ from ueaj.opt import _match
 from ueaj.opt._graph import ModelGraph, flatten_paths, format_path
 from ueaj.opt._groups import Group, Groups, resolve
 from ueaj.opt._keys import Path
-from ueaj.opt._manager import OptimizerManager
+from ueaj.opt._manager import OptimizerManager, graph_for
 from ueaj.opt._optimizer import Optimizer
 
 # Transforms nested deeper than this are described by their name alone.
@@ -417,10 +417,7 @@ def explain(
         #1  mgr['bias'] = transform  label 'bias'  <- wins
       group 'bias': chain(scale_by_adam, scale)
   """
-  graph = ModelGraph(model, wrt)
-  # TODO: use a public OptimizerManager method once it exposes the graph
-  # with its stacks declared; this private call mirrors mgr.label.
-  manager._declare_stacks(graph)
+  graph = graph_for(manager, model, wrt)
   found, layer = _find_variable(graph, path)
   assignments = list(manager.assignments)
   winners, _ = _match.match_all(graph, [assignment.pattern for assignment in assignments])
