@@ -15,8 +15,8 @@ Usage::
   python examples/train_lm.py --steps 2000 --width 128 --out runs/wide
   python examples/train_lm.py --freeze-embeddings
 
-The run writes ``metrics.json`` and ``loss.png`` (and ``model.html`` when
-``ueaj.opt`` provides ``render_html``) to the ``--out`` folder.
+The run writes ``metrics.json``, ``loss.png`` and ``model.html`` (the model
+tree with each parameter's optimizer group) to the ``--out`` folder.
 """
 
 from __future__ import annotations
@@ -216,9 +216,13 @@ def build_optimizer(model: Transformer, args: argparse.Namespace) -> opt.Optimiz
     def block_schedule(step):
       return scale * schedule(step)
 
+    # inject_hyperparams keeps the current learning rate in the optimizer
+    # state, where optimizer.hyperparams reads it for logging.
     if param.ndim == 2:  # weight matrices
-      return optax.adamw(block_schedule, weight_decay=args.weight_decay)
-    return optax.adam(block_schedule)  # norm scales and biases
+      return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=block_schedule, weight_decay=args.weight_decay
+      )
+    return optax.inject_hyperparams(optax.adam)(learning_rate=block_schedule)  # norm scales and biases
 
   mgr = opt.OptimizerManager()
   mgr[...] = optax.adamw(schedule, weight_decay=args.weight_decay)
@@ -328,9 +332,21 @@ def train(
       val_loss = evaluate(model, val_batches)
       val_losses.append({"step": step, "loss": val_loss})
       tqdm.write(f"step {step}: val loss {val_loss:.3f}")
+      log_learning_rates(optimizer)
   progress.close()
 
   return [float(loss) for loss in jax.device_get(train_losses)], val_losses
+
+
+def log_learning_rates(optimizer: opt.Optimizer) -> None:
+  """Print the current learning rate of every group built with inject_hyperparams."""
+  rates = {
+    label: float(values["learning_rate"])
+    for label, values in optimizer.hyperparams.items()
+    if "learning_rate" in values
+  }
+  if rates:
+    tqdm.write("  lr " + ", ".join(f"{label} {rate:.2e}" for label, rate in rates.items()))
 
 
 # ------------------------------------------------------------------------ outputs
@@ -362,7 +378,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--steps", type=int, default=600, help="number of optimizer steps")
+  parser.add_argument("--steps", type=int, default=400, help="number of optimizer steps")
   parser.add_argument("--layers", type=int, default=4, help="number of transformer blocks")
   parser.add_argument("--width", type=int, default=64, help="model dimension, in features")
   parser.add_argument("--heads", type=int, default=4, help="attention heads per block")
@@ -464,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   }
   (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
   plot_losses(train_losses, val_losses, args.out / "loss.png")
-  if hasattr(opt, "render_html"):  # not every ueaj version provides it
-    (args.out / "model.html").write_text(opt.render_html(model))
+  page = opt.render_html(model, optimizer.groups)
+  (args.out / "model.html").write_text(page, encoding="utf-8")
   print(
     f"final val loss {metrics['final_val_loss']:.3f} after {metrics['wall_time_s']:.0f} s,"
     f" outputs in {args.out}"

@@ -48,9 +48,38 @@ def test_partial_compares_arguments():
   assert fingerprint(functools.partial(optax.sgd, 0.1)) != fingerprint(functools.partial(optax.sgd, 0.2))
 
 
+def test_plain_objects_compare_attributes():
+  class Holder:
+    def __init__(self, value):
+      self.value = value
+
+  assert fingerprint(Holder(1.0)) == fingerprint(Holder(1.0))
+  assert fingerprint(Holder(1.0)) != fingerprint(Holder(2.0))
+
+
+def test_injected_schedules_equal():
+  def make(scale):
+    def schedule(step):
+      return scale * optax.constant_schedule(1e-3)(step)
+
+    return optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+
+  assert fingerprint(make(2.0)) == fingerprint(make(2.0))
+  assert fingerprint(make(2.0)) != fingerprint(make(3.0))
+
+
+def test_modules_compare_identity():
+  from flax import nnx
+
+  first = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+  second = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+  assert fingerprint(first) == fingerprint(first)
+  assert fingerprint(first) != fingerprint(second)
+
+
 def test_opaque_object_identity():
   class Opaque:
-    pass
+    __slots__ = ()
 
   first, second = Opaque(), Opaque()
   assert fingerprint(first) == fingerprint(first)

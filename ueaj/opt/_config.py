@@ -14,6 +14,8 @@ values are recursively equal:
 - functions compare by code object, default arguments and closure contents
   (so `optax.adamw(1e-3)` equals another `optax.adamw(1e-3)`, but not
   `optax.adamw(2e-3)`);
+- objects without an `__eq__` of their own (optax's schedule wrappers)
+  compare by type and attributes, except NNX modules and Variables;
 - any other object is equal only to itself, unless it is hashable with a
   value-based `__eq__`.
 
@@ -32,6 +34,7 @@ from typing import Any, Hashable
 
 import jax
 import numpy as np
+from flax import nnx
 
 # Deeply nested closures are rare; past this depth compare by identity.
 _MAX_DEPTH = 64
@@ -124,7 +127,23 @@ def _container_fingerprint(value: Any, depth: int, active: dict[int, int]) -> Ha
     return ("method", recurse(value.__func__), recurse(value.__self__))
   if isinstance(value, types.BuiltinFunctionType):
     return ("builtin", getattr(value, "__module__", None), value.__qualname__)
+  if _is_plain_object(value):
+    return ("object", type(value).__module__, type(value).__qualname__, recurse(vars(value)))
   return _object_fingerprint(value)
+
+
+def _is_plain_object(value: Any) -> bool:
+  """Whether `value` is a configuration holder without an equality of its own.
+
+  optax wraps schedules in such objects (`inject_hyperparams` keeps a
+  `WrappedSchedule` per scheduled hyperparameter), so they compare by their
+  attributes. NNX modules and Variables hold trained state, not
+  configuration, and keep comparing by identity.
+  """
+  if isinstance(value, (nnx.Pytree, nnx.Variable, types.ModuleType)):
+    return False
+  cls = type(value)
+  return cls.__eq__ is object.__eq__ and hasattr(value, "__dict__")
 
 
 def _function_fingerprint(function: types.FunctionType, recurse) -> Hashable:
