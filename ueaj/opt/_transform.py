@@ -16,6 +16,7 @@ from ueaj.opt._graph import flatten_paths, format_path, path_of
 from ueaj.opt._groups import Groups, Label
 from ueaj.opt._keys import Path
 from ueaj.opt._plan import Piece, Unit, plan_units
+from ueaj.opt._sharding import constrain_state, leaf_shardings
 
 #: The Variable metadata key that holds a Variable's group label.
 LABEL_KEY = "opt_group"
@@ -102,6 +103,11 @@ def partition(
     {label: (unit.key, index if unit.vectorized else None)
      for unit in units for index, label in enumerate(unit.labels)}
   )
+  stack_axes = {
+    position: groups.stacks[path].axis
+    for position, path in enumerate(labels)
+    if path in groups.stacks
+  }
   inner = optax.partition(
     {unit.key: unit.transform for unit in units},
     lambda regrouped: {key: key for key in regrouped},
@@ -116,9 +122,25 @@ def partition(
     }
     return grouped, leaves, treedef
 
+  # The parameters' shardings seen by the last `init`, for updates that
+  # receive plain arrays (`nnx.Optimizer.update` passes no Variables).
+  seen_shardings: list[Any] = []
+
+  def constrain(state, grouped, leaves):
+    shardings = leaf_shardings(leaves)
+    if shardings is not None:
+      seen_shardings[:] = [shardings]
+    elif seen_shardings:
+      shardings = seen_shardings[0]
+    else:
+      return state
+    return constrain_state(state, units, grouped, shardings, stack_axes)
+
   def init_fn(params):
-    grouped, _, _ = regroup(params, "parameters")
-    return inner.init(grouped)
+    grouped, leaves, _ = regroup(params, "parameters")
+    # Under jit with Auto mesh axes, state made from constants would
+    # otherwise be replicated, and updates could move it elsewhere.
+    return constrain(inner.init(grouped), grouped, leaves)
 
   def update_fn(updates, state, params=None, **extra_args):
     grouped_updates, leaves, treedef = regroup(updates, "gradients")
@@ -126,6 +148,7 @@ def partition(
     new_updates, state = inner.update(
       grouped_updates, state, grouped_params, **extra_args
     )
+    state = constrain(state, grouped_updates, leaves)
     values = _reassemble(units, new_updates, len(leaves))
     # Gradients given as Variables get their updates back as Variables.
     out = [
