@@ -74,22 +74,17 @@ class Stack:
 class GraphNode:
   """One node of the snapshot: a Module, container or Variable and its children."""
 
-  __slots__ = ("path", "obj", "children", "stack")
+  __slots__ = ("path", "obj", "children", "stack", "sequence_length")
 
   def __init__(self, path: Path, obj: Any):
     self.path = path
     self.obj = obj
     self.children: dict[Any, GraphNode] = {}
     self.stack: Stack | None = None
-
-  @property
-  def sequence_length(self) -> int | None:
-    """Length if the node is a sequence (`nnx.List`, list, tuple), else None."""
-    if isinstance(self.obj, collections.abc.Sequence) and not isinstance(
-      self.obj, (str, bytes)
-    ):
-      return len(self.obj)
-    return None
+    #: Length if the node is a sequence (`nnx.List`, list, tuple), else None.
+    self.sequence_length: int | None = None
+    if isinstance(obj, collections.abc.Sequence) and not isinstance(obj, (str, bytes)):
+      self.sequence_length = len(obj)
 
   @property
   def is_variable(self) -> bool:

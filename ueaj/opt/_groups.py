@@ -217,6 +217,19 @@ def resolve(graph: ModelGraph, assignments: list[Assignment]) -> Groups:
   buckets: dict[Bucket, list[tuple[Path, int | None, nnx.Variable]]] = {}
   transforms: dict[Bucket, Any] = {}
   member_buckets: dict[Path, list[Bucket]] = {}
+  # Fingerprints by object: most Variables share one transform object, and
+  # fingerprinting it again for each would dominate labelling time. The
+  # list keeps every fingerprinted object alive, so no id is reused.
+  fingerprints: dict[int, Hashable] = {}
+  alive: list[Any] = []
+
+  def fingerprint(transform: Any) -> Hashable:
+    key = id(transform)
+    if key not in fingerprints:
+      fingerprints[key] = _config.fingerprint(transform)
+      alive.append(transform)
+    return fingerprints[key]
+
   for path, variable in graph.variables:
     stack = graph.stack_above(path)
     result = winners[path]
@@ -227,7 +240,7 @@ def resolve(graph: ModelGraph, assignments: list[Assignment]) -> Groups:
     for layer, match in units:
       assignment = assignments[match.assignment]
       transform = _value_for(assignment, graph, path, variable, stack, layer)
-      bucket = (match.assignment, match.parts, _config.fingerprint(transform))
+      bucket = (match.assignment, match.parts, fingerprint(transform))
       buckets.setdefault(bucket, []).append((path, layer, variable))
       transforms.setdefault(bucket, transform)
       member_buckets.setdefault(path, []).append(bucket)

@@ -159,21 +159,26 @@ class _Matcher:
       and (number > floor or not self.reports[number].matched or self.keep[number])
     }
 
-    # Step 3: advance every live pattern by one key into each child.
+    # Step 3: advance every live pattern by one key. Each element looks up
+    # the children it matches (a name one child, a slice its indices), so
+    # the work grows with the matches, not with children times patterns.
+    advanced: dict[object, dict[int, list[_State]]] = {}
+    for number, active in live.items():
+      for position, parts, layers in active:
+        element = self.patterns[number][position]
+        if isinstance(element, _keys.AnyDepth):
+          matched = [(key, None) for key in node.children]
+        else:
+          matched = self._children(number, position, element, node)
+        for key, part in matched:
+          state = (position, parts, layers) if part is None else (position + 1, (*parts, part), layers)
+          advanced.setdefault(key, {}).setdefault(number, []).append(state)
+
     for key, child in node.children.items():
-      child_states = {}
-      for number, active in live.items():
-        advanced = []
-        for position, parts, layers in active:
-          element = self.patterns[number][position]
-          if isinstance(element, _keys.AnyDepth):
-            advanced.append((position, parts, layers))
-            continue
-          part = self._step(number, position, element, node, key, child)
-          if part is not None:
-            advanced.append((position + 1, (*parts, part), layers))
-        if advanced:
-          child_states[number] = self._closure(number, advanced, child)
+      child_states = {
+        number: self._closure(number, states, child)
+        for number, states in advanced.get(key, {}).items()
+      }
       self._visit(child, child_states, winner, child.stack or stack)
 
   def _closure(
@@ -257,50 +262,40 @@ class _Matcher:
       )
     return None
 
-  def _step(
-    self,
-    number: int,
-    position: int,
-    element: Element,
-    node: GraphNode,
-    key: object,
-    child: GraphNode,
-  ) -> str | None:
-    """Return the label part if `element` matches `key`, else None."""
+  def _children(
+    self, number: int, position: int, element: Element, node: GraphNode
+  ) -> list[tuple[object, str]]:
+    """Return the children of `node` that `element` matches, with their label parts."""
+    children = node.children
     if isinstance(element, _keys.Batch):
-      if self._step(number, position, element.inner, node, key, child) is None:
-        return None
-      return batch_label(element)
+      text = batch_label(element)
+      inner = self._children(number, position, element.inner, node)
+      return [(key, text) for key, _ in inner]
     if isinstance(element, _keys.Name):
-      return element.key if key == element.key and isinstance(key, str) else None
+      return [(element.key, element.key)] if element.key in children else []
     if isinstance(element, _keys.Index):
-      return self._step_index(number, position, element.index, node, key)
+      length = node.sequence_length
+      if length is None:
+        # Mappings may have int keys; those match exactly, without wrapping.
+        index = element.index
+      else:
+        index = self._normalize(number, position, element.index, node, length)
+      return [(index, str(index))] if index is not None and index in children else []
     if isinstance(element, _keys.Slice):
       length = node.sequence_length
-      if length is None or not isinstance(key, int):
-        return None
-      return str(key) if key in element.indices(length) else None
+      if length is None:
+        return []
+      return [(key, str(key)) for key in element.indices(length) if key in children]
     if isinstance(element, _keys.AnyOf):
+      found: dict[object, str] = {}
       for option in element.options:
-        part = self._step(number, position, option, node, key, child)
-        if part is not None:
-          return part
-      return None
+        for key, part in self._children(number, position, option, node):
+          found.setdefault(key, part)
+      return list(found.items())
     if isinstance(element, _keys.InstanceOf):
-      return element.cls.__name__ if isinstance(child.obj, element.cls) else None
+      name = element.cls.__name__
+      return [(key, name) for key, child in children.items() if isinstance(child.obj, element.cls)]
     raise AssertionError(f"unhandled key element {element!r}")
-
-  def _step_index(
-    self, number: int, position: int, index: int, node: GraphNode, key: object
-  ) -> str | None:
-    length = node.sequence_length
-    if length is None:
-      # Mappings may have int keys; those match exactly, without wrapping.
-      return str(key) if key == index and isinstance(key, int) else None
-    normalized = self._normalize(number, position, index, node, length)
-    if normalized is None:
-      return None
-    return str(key) if key == normalized else None
 
 
 def _has_index(element: Element) -> bool:
