@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ueaj.opt import _precision
 from ueaj.opt._errors import MissingLabelError, StructureMismatchError
 from ueaj.opt._graph import flatten_paths, format_path, path_of
 from ueaj.opt._groups import Groups, Label
@@ -99,6 +100,20 @@ def partition(
     )
 
   units = [unit for unit in plan_units(groups, labels, shapes, dtypes) if unit.pieces]
+  # optax keeps float32 state float32, so only units with parameters of
+  # another dtype can change state dtypes in `update`. Checking just those
+  # keeps float32 models free of one trace per group at build time.
+  paths = list(labels)
+  _precision.check_units_dtype_stability(
+    [
+      unit
+      for unit in units
+      if any(dtypes[paths[piece.position]] != jnp.float32 for piece in unit.pieces)
+    ],
+    labels,
+    shapes,
+    dtypes,
+  )
   groups.set_units(
     {label: (unit.key, index if unit.vectorized else None)
      for unit in units for index, label in enumerate(unit.labels)}
