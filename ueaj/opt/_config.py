@@ -133,7 +133,7 @@ def _container_fingerprint(value: Any, depth: int, active: dict[int, int]) -> Ha
 
 
 def _is_plain_object(value: Any) -> bool:
-  """Whether `value` is a configuration holder without an equality of its own.
+  """Return whether `value` is a configuration holder without an `__eq__` of its own.
 
   optax wraps schedules in such objects (`inject_hyperparams` keeps a
   `WrappedSchedule` per scheduled hyperparameter), so they compare by their

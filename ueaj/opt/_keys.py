@@ -107,9 +107,6 @@ class Batch:
 
 Element: TypeAlias = Name | Index | Slice | AnyOf | AnyDepth | InstanceOf | Batch
 
-#: Elements that give every matched key its own group.
-SPLITTING = (Slice, AnyOf)
-
 
 def _bound(value: int | None) -> str:
   return "" if value is None else str(value)

@@ -229,7 +229,7 @@ class OptimizerManager:
 
 
 def graph_for(manager: OptimizerManager, model: Any, wrt: filterlib.Filter) -> ModelGraph:
-  """Snapshot `model` with the manager's stacks declared, as `label` sees it."""
+  """Snapshot `model` with the manager's stacks declared, as `label` uses it."""
   graph = ModelGraph(model, wrt)
   manager._declare_stacks(graph)
   return graph

@@ -47,7 +47,7 @@ class OutOfRange:
 
 @dataclasses.dataclass
 class PatternReport:
-  """What one pattern did during the walk, for errors and hints."""
+  """The record of one pattern's walk, for errors and hints."""
 
   # Nodes at which the pattern was fully consumed.
   completed: list[GraphNode] = dataclasses.field(default_factory=list)
@@ -109,9 +109,9 @@ class _Matcher:
     self.patterns = patterns
     self.reports = [PatternReport() for _ in patterns]
     self.anchored_until = [_anchored_length(pattern) for pattern in patterns]
-    # Patterns with an index at a fixed depth must visit every sequence at
-    # that depth, so that an out-of-range index raises however the other
-    # assignments are ordered; they are never dropped early.
+    # Patterns with an index at a fixed depth are never dropped early. They
+    # must visit every sequence at that depth, so that an out-of-range index
+    # raises whatever the order of the other assignments.
     self.keep = [
       any(_has_index(element) for element in pattern[:anchored])
       for pattern, anchored in zip(patterns, self.anchored_until)

@@ -19,7 +19,7 @@ from ueaj.opt._keys import Path
 from ueaj.opt._plan import Piece, Unit, plan_units
 from ueaj.opt._sharding import constrain_state, leaf_shardings
 
-#: The Variable metadata key that holds a Variable's group label.
+#: The Variable metadata key under which a Variable's group label is stored.
 LABEL_KEY = "opt_group"
 
 
