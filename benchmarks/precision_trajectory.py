@@ -58,14 +58,7 @@ def cast_params(model: nnx.Module, dtype) -> None:
 def make_run(example, args, variant: str):
   """Build the model and optimizer of one variant, from the same seed."""
   model = example.Transformer(args.layers, args.width, args.heads, rngs=nnx.Rngs(args.seed))
-  warmup_steps = max(1, min(100, args.steps // 10))
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=args.lr,
-    warmup_steps=warmup_steps,
-    decay_steps=max(args.steps, warmup_steps + 1),
-    end_value=args.lr / 10,
-  )
+  schedule = example.make_schedule(args)
   adamw = optax.adamw(schedule, weight_decay=args.weight_decay)
   mgr = opt.OptimizerManager()
   if variant == "float32":

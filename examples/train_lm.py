@@ -190,22 +190,27 @@ class Transformer(nnx.Module):
 # ---------------------------------------------------------------------- optimizer
 
 
-def build_optimizer(model: Transformer, args: argparse.Namespace) -> opt.Optimizer:
-  """Assign an optax transform to each part of ``model``.
-
-  When several assignments match a parameter, the last one wins, so the
-  general cases come first and the exceptions after them.
-  """
+def make_schedule(args: argparse.Namespace) -> optax.Schedule:
+  """Return the learning-rate schedule: warm-up, then cosine decay."""
   # Warm up over the first tenth of training (at most 100 steps), then decay
   # to a tenth of the peak. Optax requires decay_steps > warmup_steps.
   warmup_steps = max(1, min(100, args.steps // 10))
-  schedule = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=args.lr,
     warmup_steps=warmup_steps,
     decay_steps=max(args.steps, warmup_steps + 1),
     end_value=args.lr / 10,
   )
+
+
+def build_optimizer(model: Transformer, args: argparse.Namespace) -> opt.Optimizer:
+  """Assign an optax transform to each part of ``model``.
+
+  When several assignments match a parameter, the last one wins, so the
+  general cases come first and the exceptions after them.
+  """
+  schedule = make_schedule(args)
   top_layer = args.layers - 1
 
   def block_rule(modules, param):

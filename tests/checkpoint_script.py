@@ -6,7 +6,7 @@ fresh processes:
   python tests/checkpoint_script.py straight STEPS SAVE_AT CHECKPOINT OUT.npz
   python tests/checkpoint_script.py resume STEPS CHECKPOINT OUT.npz
 
-`straight` trains STEPS steps, saving a checkpoint after SAVE_AT of them;
+`straight` trains STEPS steps and saves a checkpoint after SAVE_AT of them.
 `resume` restores that checkpoint into a newly built model and optimizer
 and trains the remaining steps. Both write the final model and optimizer
 state to OUT.npz.

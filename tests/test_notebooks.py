@@ -15,8 +15,8 @@ traitlets_config = pytest.importorskip("traitlets.config")
 
 ROOT = pathlib.Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# Stops a hung kernel; a cell normally takes seconds (the notebooks' slowest
-# cell, the first jitted training step, compiles in about 8 s of CPU time).
+# Stops a hung kernel. A cell normally takes seconds: the slowest, the first
+# jitted training step, compiles in about 8 s of CPU time (measured here).
 CELL_TIMEOUT_S = 120
 
 

@@ -28,9 +28,9 @@ class OptimizerManager:
 
   - `'name'` matches that attribute or dict key; `...` matches zero or more
     keys anywhere (`mgr[..., 'bias']` selects every bias).
-  - An int selects one sequence index (negative counts from the end); a
-    slice selects indices as NumPy does; a list `[0, 2]` or `['q', 'k']`
-    selects any of its entries.
+  - An int selects one sequence index, and negative ints count from the
+    end. A slice selects indices as NumPy does. A list `[0, 2]` or
+    `['q', 'k']` selects any of its entries.
   - An `nnx.Module` (or `nnx.Variable`) subclass matches a key whose node is
     an instance of it: `mgr[..., nnx.LayerNorm]`.
   - `mgr.batch[s]` (the same as `opt.batch[s]`) matches what `s` matches.

@@ -23,7 +23,7 @@ class Optimizer(nnx.Optimizer[M]):
   the optimizer then reads those labels back from the Variables and builds
   one `optax.partition` over them. Everything else is `nnx.Optimizer`: it
   works inside `nnx.jit`, `update(model, grads)` applies one step, and
-  `nnx.state(optimizer)` holds the step count and every group's state.
+  `nnx.state(optimizer)` contains the step count and every group's state.
 
   When the optimizer is created inside `nnx.jit`, the labels are written to
   the traced Variables, and NNX does not carry metadata changes back out of
@@ -225,8 +225,8 @@ class Optimizer(nnx.Optimizer[M]):
 
     Raises:
       ValueError: No Variable lies under `key`, or a group has Variables
-        both under `key` and elsewhere; reset it with `reset_groups` or give
-        the selected part its own group.
+        both under `key` and elsewhere. Reset such a group with
+        `reset_groups`, or give the selected part its own group.
     """
     inside, outside = set(), set()
     for group in self.groups:
@@ -296,7 +296,7 @@ _INJECTED_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparam
 
 def _find_injected(state: Any) -> Any:
   """Return the first `inject_hyperparams` state in `state`, depth first, or None."""
-  # NOTE: a group whose transform holds several inject_hyperparams states,
+  # NOTE: a group whose transform contains several inject_hyperparams states,
   # such as a chain of two injected transforms, exposes only the first.
   if isinstance(state, _INJECTED_STATES):
     return state

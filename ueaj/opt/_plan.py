@@ -159,7 +159,7 @@ def plan_units(
 
 
 def _single_layer(members: dict[int, list[int] | None]) -> int | None:
-  """Return the layer if a group holds exactly one layer of stacked leaves."""
+  """Return the layer if a group contains exactly one layer of stacked leaves."""
   layers = set()
   for member_layers in members.values():
     if member_layers is None or len(member_layers) != 1:

@@ -14,7 +14,7 @@ from ueaj.opt._plan import Unit
 
 
 def sharding_of(leaf: Any) -> NamedSharding | PartitionSpec | None:
-  """Return the sharding a parameter leaf asks for, or None when it has none.
+  """Return the sharding a parameter leaf requests, or None when it has none.
 
   - A Variable with `out_sharding` metadata (set by `nnx.with_partitioning`)
     gives its PartitionSpec, on the Variable's `mesh` metadata or else on
@@ -61,7 +61,7 @@ def leaf_shardings(leaves: list[Any]) -> list[Any] | None:
 
 
 def _usable(sharding: Any) -> bool:
-  """Whether `with_sharding_constraint` can apply `sharding` here."""
+  """Return whether `with_sharding_constraint` can apply `sharding` here."""
   if sharding is None:
     return False
   return isinstance(sharding, NamedSharding) or not jax.sharding.get_abstract_mesh().empty

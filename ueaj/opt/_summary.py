@@ -129,7 +129,7 @@ class Summary:
   `str(summary)` is a text table with a total line. `summary.rows` (or
   `summary.to_dicts()` for copies) contains the same data as dicts with the
   keys `label`, `source`, `transform`, `variables`, `elements`,
-  `param_bytes` and `state_bytes`; sizes are ints, bytes are exact.
+  `param_bytes` and `state_bytes`. Sizes are ints, and bytes are exact.
   """
 
   def __init__(self, rows: list[dict[str, Any]]):

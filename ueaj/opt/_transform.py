@@ -64,7 +64,7 @@ def partition(
 
   The parameters are regrouped into `{unit key: (piece, ...)}` before they
   reach `optax.partition` (see `_plan` for units and pieces), so each
-  transform sees only its own leaves plus one empty `optax.MaskedNode` per
+  transform receives only its own leaves plus one empty `optax.MaskedNode` per
   other unit. Masking the full parameter tree once per group instead would
   make tracing grow with groups times Variables. The numbers are those of
   running every group's transform on its own leaves in path order.
