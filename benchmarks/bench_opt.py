@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,6 +45,7 @@ FULL_PRESET = {
   "batch": 16,
   "steps": 50,
   "warmup": 5,
+  "repeats": 3,
   "scale_variables": [2500, 5000, 10000],
   "scale_assignments": [10, 25, 50],
 }
@@ -51,6 +55,7 @@ QUICK_PRESET = {
   "batch": 4,
   "steps": 5,
   "warmup": 1,
+  "repeats": 1,
   "scale_variables": [400, 800],
   "scale_assignments": [5, 10],
 }
@@ -461,14 +466,30 @@ def count_fusions(compiled: Any) -> int | None:
   return None if text is None else text.count(" fusion(")
 
 
-def time_call(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-  """Call `function` `repeats` times; return the minimum seconds and the last result."""
+def time_call(
+  function: Callable[[], Any], repeats: int, pause_gc: bool = False
+) -> tuple[float, Any]:
+  """Call `function` `repeats` times; return the minimum seconds and the last result.
+
+  A full garbage collection runs before each call, so garbage left by
+  earlier rows is not collected inside the timing. With `pause_gc`, the
+  collector is also paused while each call runs, as `timeit` does by
+  default.
+  """
   best = float("inf")
   result = None
   for _ in range(repeats):
-    start = time.perf_counter()
-    result = function()
-    best = min(best, time.perf_counter() - start)
+    gc.collect()
+    enabled = gc.isenabled()
+    if pause_gc:
+      gc.disable()
+    try:
+      start = time.perf_counter()
+      result = function()
+      best = min(best, time.perf_counter() - start)
+    finally:
+      if enabled:
+        gc.enable()
   return best, result
 
 
@@ -499,18 +520,75 @@ def time_compile_stages(
   return best[0], best[1], best[2], compiled
 
 
+@dataclasses.dataclass
+class StepRunner:
+  """A compiled training step and its state, run one timed step at a time."""
+
+  graphdef: Any
+  compiled: Any
+  state: Any
+  x: jax.Array
+  y: jax.Array
+
+  def run(self, steps: int) -> None:
+    """Run `steps` untimed steps."""
+    for _ in range(steps):
+      _, self.state = self.compiled(self.state, self.x, self.y)
+    jax.block_until_ready(self.state)
+
+  def time_step(self) -> float:
+    """Run one step and return its wall time in seconds."""
+    start = time.perf_counter()
+    loss, self.state = self.compiled(self.state, self.x, self.y)
+    jax.block_until_ready((loss, self.state))
+    return time.perf_counter() - start
+
+
+def retime_compiles(measured: list[tuple[Row, StepRunner]], rounds: int) -> None:
+  """Trace, lower and compile every row's step `rounds` more times, interleaved.
+
+  Each row keeps the minimum time of each stage. As with `time_steps`, a
+  slow phase of the machine then affects every row of the comparison alike.
+  """
+  for _ in range(rounds):
+    for row, runner in measured:
+      trace_s, lower_s, compile_s, _ = time_compile_stages(
+        runner.graphdef, runner.state, runner.x, runner.y, 1
+      )
+      row.trace_s = min(row.trace_s, trace_s)
+      row.lower_s = min(row.lower_s, lower_s)
+      row.compile_s = min(row.compile_s, compile_s)
+
+
+def time_steps(runners: list[StepRunner], steps: int) -> list[float]:
+  """Time `steps` rounds of one step per runner; return each runner's median.
+
+  Interleaving the runners makes a slow phase of a shared machine slow down
+  every runner alike, so the ratios between them stay fair. Each round
+  starts at the next runner, so no runner always follows the same one.
+  """
+  times: list[list[float]] = [[] for _ in runners]
+  for round_number in range(steps):
+    for offset in range(len(runners)):
+      index = (round_number + offset) % len(runners)
+      times[index].append(runners[index].time_step())
+  return [statistics.median(samples) for samples in times]
+
+
 def measure(
   kind: str,
   method: str,
   config: Config | None,
   layers: int,
   args: argparse.Namespace,
-) -> Row:
-  """Build, compile and run one configuration and measure it.
+) -> tuple[Row, StepRunner]:
+  """Build and compile one configuration, measure it and warm its step up.
 
-  Model initialization is not timed. Build, trace, lower and compile are
-  each repeated `args.repeats` times and the minimum is kept. The step time
-  is the median of `args.steps` steps after `args.warmup` steps.
+  Model initialization is not timed. Building is repeated `args.repeats`
+  times and the minimum is kept. Trace, lower and compile are timed once
+  here, and `retime_compiles` repeats them next to the other rows of the
+  same model. The step has run `args.warmup` untimed steps; the returned
+  row's `step_s` is NaN until `time_steps` times the runner.
   """
   model = build_model(kind, layers, args.width, args.seed)
   x, y = make_batch(args.batch, args.width, args.seed + 1)
@@ -522,22 +600,13 @@ def measure(
   param_bytes = tree_bytes(nnx.state(model, nnx.Param))
 
   graphdef, state = nnx.split((model, optimizer))
-  trace_s, lower_s, compile_s, compiled = time_compile_stages(
-    graphdef, state, x, y, args.repeats
-  )
+  trace_s, lower_s, compile_s, compiled = time_compile_stages(graphdef, state, x, y, 1)
   temp_bytes, peak_bytes = compiled_memory(compiled)
 
-  for _ in range(args.warmup):
-    _, state = compiled(state, x, y)
-  jax.block_until_ready(state)
-  step_times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    loss, state = compiled(state, x, y)
-    jax.block_until_ready((loss, state))
-    step_times.append(time.perf_counter() - start)
+  runner = StepRunner(graphdef, compiled, state, x, y)
+  runner.run(args.warmup)
 
-  return Row(
+  row = Row(
     model=kind,
     layers=layers,
     method=method,
@@ -547,13 +616,14 @@ def measure(
     trace_s=trace_s,
     lower_s=lower_s,
     compile_s=compile_s,
-    step_s=statistics.median(step_times),
+    step_s=math.nan,
     state_bytes=state_bytes,
     param_bytes=param_bytes,
     temp_bytes=temp_bytes,
     peak_bytes=peak_bytes,
     fusions=count_fusions(compiled),
   )
+  return row, runner
 
 
 def planned_rows(args: argparse.Namespace) -> list[tuple[str, str, Config | None, int]]:
@@ -585,7 +655,8 @@ def warm_up(args: argparse.Namespace) -> None:
   for kind, method, config, _ in planned_rows(args):
     if (kind, method, config) not in done:
       done.add((kind, method, config))
-      measure(kind, method, config, 2, tiny)
+      _, runner = measure(kind, method, config, 2, tiny)
+      time_steps([runner], 1)
 
 
 # --------------------------------------------------------------------------
@@ -659,6 +730,9 @@ class ScaleRow:
 
   `state_s` is the time of `nnx.state(model, nnx.Param)` on the same model:
   Flax's own traversal, which every optimizer pays, as a reference.
+  `build_paused_s` is the build time with Python's garbage collector paused:
+  the work of `build` itself, without the full collections that its
+  allocations trigger over the whole process.
   """
 
   variables: int
@@ -667,11 +741,17 @@ class ScaleRow:
   state_s: float
   label_s: float
   build_s: float
+  build_paused_s: float
 
   @property
   def build_per_unit_ns(self) -> float:
     """Build time per (Variable x assignment), in nanoseconds."""
     return self.build_s / (self.variables * self.assignments) * 1e9
+
+  @property
+  def build_over_state(self) -> float:
+    """Build time as a multiple of one `nnx.state` call on the same model."""
+    return self.build_s / self.state_s
 
 
 # A WideModel needs at least 8 cells for every key of add_scale_assignments
@@ -691,11 +771,12 @@ def measure_labelling(args: argparse.Namespace) -> list[ScaleRow]:
       add_scale_assignments(mgr, count, cells)
       label_s, groups = time_call(lambda: mgr.label(model), args.repeats)
       build_s, _ = time_call(lambda: mgr.build(model), args.repeats)
-      row = ScaleRow(4 * cells, count, len(groups.labels), state_s, label_s, build_s)
+      paused_s, _ = time_call(lambda: mgr.build(model), args.repeats, pause_gc=True)
+      row = ScaleRow(4 * cells, count, len(groups.labels), state_s, label_s, build_s, paused_s)
       rows.append(row)
       progress(
         f"labelling {row.variables} Variables x {count} assignments:"
-        f" label {label_s:.3f} s, build {build_s:.3f} s"
+        f" label {label_s:.3f} s, build {build_s:.3f} s ({paused_s:.3f} s with GC paused)"
       )
   return rows
 
@@ -817,7 +898,7 @@ def scale_table(rows: list[ScaleRow], markdown: bool) -> str:
   """Render the labelling scalability table."""
   header = [
     "Variables", "assignments", "groups", "nnx.state s", "label s", "build s",
-    "build ns per Variable x assignment",
+    "build / nnx.state", "build s, GC paused", "build ns per Variable x assignment",
   ]
   body = [
     [
@@ -827,6 +908,8 @@ def scale_table(rows: list[ScaleRow], markdown: bool) -> str:
       f"{row.state_s:.3f}",
       f"{row.label_s:.3f}",
       f"{row.build_s:.3f}",
+      f"{row.build_over_state:.2f}x",
+      f"{row.build_paused_s:.3f}",
       f"{row.build_per_unit_ns:.0f}",
     ]
     for row in rows
@@ -950,9 +1033,13 @@ def state_bytes_target(rows: list[Row]) -> Target:
 def labelling_target(scale_rows: list[ScaleRow]) -> Target:
   """Check that the largest labelling run builds in under a second and grows linearly.
 
-  Growth counts as linear when the build time grows by at most 1.25 times
-  the growth of the Variables (at the largest assignment count) and of the
-  assignments (at the largest model).
+  The one-second bound applies to the build time as a user sees it, garbage
+  collection included. Growth is judged on the build time with the garbage
+  collector paused, because a full collection scans the whole process,
+  model included, so its cost grows faster than the work of `build` (one
+  `nnx.state` call grows the same way). Growth counts as linear when that
+  time grows by at most 1.25 times the growth of the Variables (at the
+  largest assignment count) and of the assignments (at the largest model).
   """
   name = "label + build, largest model x most assignments < 1 s, linear growth"
   if not scale_rows:
@@ -964,11 +1051,12 @@ def labelling_target(scale_rows: list[ScaleRow]) -> Target:
   fewest_assignments = min(same_model, key=lambda row: row.assignments)
   variable_growth = largest.variables / fewest_variables.variables
   assignment_growth = largest.assignments / fewest_assignments.assignments
-  variable_time = largest.build_s / fewest_variables.build_s
-  assignment_time = largest.build_s / fewest_assignments.build_s
+  variable_time = largest.build_paused_s / fewest_variables.build_paused_s
+  assignment_time = largest.build_paused_s / fewest_assignments.build_paused_s
   linear = variable_time <= 1.25 * variable_growth and assignment_time <= 1.25 * assignment_growth
   measured = (
-    f"{largest.variables:,} Variables x {largest.assignments}: build {largest.build_s:.3f} s;"
+    f"{largest.variables:,} Variables x {largest.assignments}: build {largest.build_s:.3f} s"
+    f" ({largest.build_over_state:.2f}x one nnx.state call); with GC paused,"
     f" Variables x{variable_growth:.1f} -> time x{variable_time:.2f},"
     f" assignments x{assignment_growth:.1f} -> time x{assignment_time:.2f}"
   )
@@ -1116,16 +1204,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument(
     "--steps", type=int, metavar="N",
-    help=f"timed training steps per row; the median is reported ({_preset_help('steps')})",
+    help="timed training steps per row, interleaved with the steps of the other rows of"
+    f" the same model and depth; the median is reported ({_preset_help('steps')})",
   )
   parser.add_argument(
     "--warmup", type=int, metavar="N",
     help=f"untimed training steps before the timed ones ({_preset_help('warmup')})",
   )
   parser.add_argument(
-    "--repeats", type=int, default=1, metavar="N",
+    "--repeats", type=int, metavar="N",
     help="times each build, trace, lower, compile and labelling runs; the minimum time is"
-    " reported (default 1)",
+    " reported. Traces, lowerings and compiles of one model and depth are repeated"
+    f" interleaved ({_preset_help('repeats')})",
   )
   parser.add_argument(
     "--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS),
@@ -1194,13 +1284,28 @@ def main(argv: Sequence[str] | None = None) -> Report:
     warm_up(args)
 
   plan = planned_rows(args)
-  rows = []
-  for number, (kind, method, config, layers) in enumerate(plan, start=1):
-    row = measure(kind, method, config, layers, args)
-    rows.append(row)
+  rows: list[Row] = []
+  number = 0
+  # The rows of one model and depth are consecutive in the plan; their
+  # steps are timed together, interleaved.
+  for (kind, layers), entries in itertools.groupby(plan, key=lambda entry: (entry[0], entry[3])):
+    measured = []
+    for _, method, config, _ in entries:
+      number += 1
+      row, runner = measure(kind, method, config, layers, args)
+      measured.append((row, runner))
+      progress(
+        f"[{number}/{len(plan)}] {kind} L={layers} {row.label}: build {row.build_s:.3f} s,"
+        f" compile {row.compile_s:.3f} s"
+      )
+    retime_compiles(measured, args.repeats - 1)
+    medians = time_steps([runner for _, runner in measured], args.steps)
+    for (row, _), median in zip(measured, medians):
+      row.step_s = median
+      rows.append(row)
     progress(
-      f"[{number}/{len(plan)}] {kind} L={layers} {row.label}: build {row.build_s:.3f} s,"
-      f" compile {row.compile_s:.3f} s, step {row.step_s * 1e3:.2f} ms"
+      f"{kind} L={layers} step ms: "
+      + ", ".join(f"{row.label} {row.step_s * 1e3:.2f}" for row, _ in measured)
     )
 
   scale_rows = measure_labelling(args)

@@ -43,6 +43,8 @@ def run(tmp_path_factory):
     "--layers", str(TINY_LAYERS),
     "--steps", "2",
     "--warmup", "0",
+    # Two repeats run the interleaved second round of traces and compiles.
+    "--repeats", "2",
     "--scale-variables", *map(str, SCALE_VARIABLES),
     "--scale-assignments", *map(str, SCALE_ASSIGNMENTS),
     "--json", str(json_path),
@@ -76,6 +78,26 @@ def test_report_times_positive(run, field):
   report, _ = run
   for row in report.rows:
     assert getattr(row, field) > 0, (row.label, row.model)
+
+
+class FakeRunner:
+  """Records the order of its steps in a shared log; each step takes `seconds`."""
+
+  def __init__(self, name, seconds, log):
+    self.name, self.seconds, self.log = name, seconds, log
+
+  def time_step(self):
+    self.log.append(self.name)
+    return self.seconds
+
+
+def test_time_steps_interleaves():
+  log = []
+  runners = [FakeRunner(name, seconds, log) for name, seconds in [("a", 1.0), ("b", 2.0), ("c", 3.0)]]
+  medians = bench.time_steps(runners, 3)
+
+  assert medians == [1.0, 2.0, 3.0]
+  assert log == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
 
 
 def test_report_sizes_sane(run):
@@ -135,6 +157,7 @@ def test_labelling_rows(run):
   for row in report.scale_rows:
     assert row.label_s > 0
     assert row.build_s > 0
+    assert row.build_paused_s > 0
     assert row.state_s > 0
     assert row.groups >= 1
 

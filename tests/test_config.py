@@ -1,6 +1,7 @@
 """Configuration identity of transforms built by rules."""
 
 import functools
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +95,33 @@ def test_recursive_closure_terminates():
     return inner
 
   assert fingerprint(outer()) == fingerprint(outer())
+
+
+def test_number_types_stay_apart():
+  assert fingerprint(1) != fingerprint(1.0)
+  assert fingerprint(True) != fingerprint(1)
+  assert fingerprint(np.float64(0.1)) == fingerprint(0.1)
+  assert fingerprint("0.1") != fingerprint(0.1)
+
+
+def test_empty_cell_differs_from_contents():
+  def outer(late):
+    def inner():
+      return late
+
+    return inner
+
+  code = outer(None).__code__
+
+  def with_cell(*contents):
+    return types.FunctionType(code, {}, closure=(types.CellType(*contents),))
+
+  assert fingerprint(with_cell()) == fingerprint(with_cell())
+  for value in [None, "empty cell", ("empty cell",)]:
+    assert fingerprint(with_cell()) != fingerprint(with_cell(value)), value
+    assert fingerprint(with_cell(value)) == fingerprint(with_cell(value)), value
+
+
+def test_shared_subtransform_equals_copies():
+  inner = optax.sgd(0.1)
+  assert fingerprint(optax.chain(inner, inner)) == fingerprint(optax.chain(optax.sgd(0.1), optax.sgd(0.1)))

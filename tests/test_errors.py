@@ -273,12 +273,14 @@ def test_optimizer_bad_manager(model):
 
 
 def test_metadata_from_other_config(model):
-  manager((..., optax.sgd(1.0)), ("head", optax.sgd(0.1))).label(model)
+  labelling = manager((..., optax.sgd(1.0)), ("head", optax.sgd(0.1)))
+  labelling.label(model)
   groups = manager((..., optax.sgd(1.0))).label(nnx.Linear(1, 1, rngs=nnx.Rngs(0)))
   from ueaj.opt import _manager
 
+  graph = _manager.graph_for(labelling, model, nnx.Param)
   with pytest.raises(opt.MissingLabelError, match=r"Labels \['head'\] in the Variables' metadata belong to no group"):
-    _manager.transform_for(model, groups, nnx.Param)
+    _manager.transform_for(graph, groups)
 
 
 def test_groups_unknown_label(model):

@@ -766,6 +766,35 @@ def test_rule_configs_split_groups():
   assert label_at(model, "layers/5/mlp/kernel") == "layers/:#2"
 
 
+def test_rule_prebuilt_transforms_group():
+  # A rule that hands out prebuilt transforms, one object per kind, more
+  # kinds than the rule results that labelling remembers by identity.
+  prebuilt = [clipped_sgd(0.1 * (kind + 1)) for kind in range(20)]
+  kind_of = {"attn": 0, "mlp": 1, "norm": 2}
+  mgr = opt.OptimizerManager()
+  mgr[...] = clipped_sgd(1.0)
+  mgr["layers", opt.batch[:]] = lambda modules, param: prebuilt[
+    kind_of[param.path[2]] + 3 * (param.path[-1] == "bias") + 6 * (param.path[1] % 3)
+  ]
+
+  def label_of(path):
+    keys = path.split("/")
+    if keys[0] != "layers":
+      return "rest"
+    return f"{keys[2]} {keys[-1] == 'bias'} {int(keys[1]) % 3}"
+
+  transforms = {"rest": clipped_sgd(1.0)}
+  for module, kind in kind_of.items():
+    for is_bias in (False, True):
+      for remainder in range(3):
+        transform = clipped_sgd(0.1 * (kind + 3 * is_bias + 6 * remainder + 1))
+        transforms[f"{module} {is_bias} {remainder}"] = transform
+  model = assert_matches_reference(mgr, transforms, label_of)
+
+  labels = {label_at(model, f"layers/{layer}/mlp/kernel") for layer in range(DEPTH)}
+  assert len(labels) == 3
+
+
 def test_rule_none_freezes():
   mgr = opt.OptimizerManager()
   mgr[...] = clipped_sgd(1.0)
@@ -856,6 +885,45 @@ def test_rebuild_replaces_labels():
   assert label_at(model, "layers/0/attn/kernel") == "layers/0"
   assert label_at(model, "layers/4/mlp/bias") == "layers/4"
   assert label_at(model, "head/bias") == "..."
+
+
+class TiedAndLong(nnx.Module):
+  """Keys whose sorted order differs from attribute order, and a tied Param."""
+
+  def __init__(self):
+    shared = nnx.Param(jnp.zeros((2,)))
+    self.zeta = shared
+    # Twelve entries: sorted as ints, 10 and 11 come after 9, not after 1.
+    self.items = nnx.List([nnx.Param(jnp.full((2,), float(i))) for i in range(12)])
+    self.table = nnx.Dict(beta=nnx.Param(jnp.ones((3,))), alpha=nnx.Param(jnp.ones((1,))))
+    self.alias = shared
+
+
+def test_build_follows_state_order():
+  model = TiedAndLong()
+  mgr = opt.OptimizerManager()
+  mgr[...] = optax.sgd(1.0)
+  mgr["items", 10] = optax.sgd(0.5)
+  mgr["table", "beta"] = optax.sgd(0.25)
+  tx = mgr.build(model)
+
+  state = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, state)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(state), state)
+  flat = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_variable)[0]
+  paths = [path_text(keypath) for keypath, _ in flat]
+  state_paths = [
+    path_text(keypath)
+    for keypath, _ in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]
+  ]
+
+  assert paths == state_paths
+  # The tied Param is one leaf, at the path NNX reports first.
+  assert ("zeta" in paths) != ("alias" in paths)
+  assert paths.index("items/9") + 1 == paths.index("items/10")
+  rates = {"items/10": 0.5, "table/beta": 0.25}
+  for path, (_, update) in zip(paths, flat):
+    np.testing.assert_allclose(update.get_value(), -rates.get(path, 1.0), err_msg=path)
 
 
 # opt.Optimizer.

@@ -316,7 +316,7 @@ def test_stability_check_on_built_transform():
 def plan_of(model, mgr):
   groups = mgr.label(model)
   state = nnx.state(model, nnx.Param)
-  labels = opt._transform.labels_from_metadata(state)
+  labels = opt._transform.labels_from_metadata(opt._graph.flatten_paths(state))
   flat = {path: variable.get_value() for path, variable in opt._graph.flatten_paths(state)}
   shapes = {path: value.shape for path, value in flat.items()}
   dtypes = {path: value.dtype for path, value in flat.items()}

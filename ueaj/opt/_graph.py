@@ -71,24 +71,32 @@ class Stack:
   length: int
 
 
+_NO_CHILDREN: Mapping[Any, Any] = types.MappingProxyType({})
+
+
 class GraphNode:
   """One node of the snapshot: a Module, container or Variable and its children."""
 
-  __slots__ = ("path", "obj", "children", "stack", "sequence_length")
+  __slots__ = ("path", "obj", "is_variable", "children", "stack", "sequence_length")
 
   def __init__(self, path: Path, obj: Any):
     self.path = path
     self.obj = obj
-    self.children: dict[Any, GraphNode] = {}
+    self.is_variable = isinstance(obj, nnx.Variable)
+    # Variables are leaves: they share one read-only empty mapping, which
+    # saves a dict per Variable on large models.
+    self.children: dict[Any, GraphNode] | Mapping[Any, GraphNode] = (
+      _NO_CHILDREN if self.is_variable else {}
+    )
     self.stack: Stack | None = None
     #: Length if the node is a sequence (`nnx.List`, list, tuple), else None.
     self.sequence_length: int | None = None
-    if isinstance(obj, collections.abc.Sequence) and not isinstance(obj, (str, bytes)):
+    if (
+      not self.is_variable
+      and isinstance(obj, collections.abc.Sequence)
+      and not isinstance(obj, (str, bytes))
+    ):
       self.sequence_length = len(obj)
-
-  @property
-  def is_variable(self) -> bool:
-    return isinstance(self.obj, nnx.Variable)
 
 
 class ModelGraph:
@@ -100,6 +108,8 @@ class ModelGraph:
   Attributes:
     root: The node of the model itself.
     variables: `(path, variable)` pairs in NNX traversal order.
+    values: The value of each Variable in `variables`, by path, read once
+      (`Variable.get_value` copies the pytree structure on every call).
   """
 
   def __init__(self, model: Any, wrt: filterlib.Filter):
@@ -110,6 +120,9 @@ class ModelGraph:
       objects[path] = obj
       if isinstance(obj, nnx.Variable) and predicate(path, obj):
         self.variables.append((path, obj))
+    self.values: dict[Path, Any] = {
+      path: variable.get_value() for path, variable in self.variables
+    }
 
     # Link only the nodes that lead to a selected Variable, so that the
     # matcher and the nearest-path hints never see static fields or
@@ -117,15 +130,17 @@ class ModelGraph:
     self.root = GraphNode((), model)
     self._nodes: dict[Path, GraphNode] = {(): self.root}
     for path, _ in self.variables:
-      parent = self.root
-      for depth in range(1, len(path) + 1):
-        prefix = path[:depth]
-        node = self._nodes.get(prefix)
-        if node is None:
-          node = GraphNode(prefix, objects[prefix])
-          self._nodes[prefix] = node
-          parent.children[path[depth - 1]] = node
-        parent = node
+      self._link(path, objects)
+
+  def _link(self, path: Path, objects: dict[Path, Any]) -> GraphNode:
+    """Return the node at `path`, creating it and any missing ancestors."""
+    node = self._nodes.get(path)
+    if node is None:
+      # Siblings share their parent, so the recursion usually stops at once.
+      parent = self._link(path[:-1], objects)
+      node = self._nodes[path] = GraphNode(path, objects[path])
+      parent.children[path[-1]] = node
+    return node
 
   def node(self, path: Path) -> GraphNode:
     return self._nodes[path]
@@ -151,10 +166,10 @@ class ModelGraph:
           " nested stacks are not supported."
         )
     lengths = {}
-    for path, variable in self.variables:
+    for path, _ in self.variables:
       if path[: len(node.path)] != node.path:
         continue
-      shape = tuple(getattr(variable.get_value(), "shape", ()))
+      shape = tuple(getattr(self.values[path], "shape", ()))
       if not -len(shape) <= axis < len(shape):
         raise ValueError(
           f"Stack {where!r}: the Variable {format_path(path)!r} has shape"
@@ -193,9 +208,14 @@ def param_info(
   variable: nnx.Variable,
   stack: Stack | None = None,
   layer: int | None = None,
+  value: Any = None,
 ) -> ParamInfo:
-  """Describe `variable`, or one layer of it, for a rule without reading its data."""
-  value = variable.get_value()
+  """Describe `variable`, or one layer of it, for a rule without reading its data.
+
+  `value` is the Variable's value when the caller already has it.
+  """
+  if value is None:
+    value = variable.get_value()
   shape = tuple(getattr(value, "shape", ()))
   dtype = getattr(value, "dtype", None)
   try:

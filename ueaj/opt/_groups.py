@@ -213,45 +213,43 @@ def resolve(graph: ModelGraph, assignments: list[Assignment]) -> Groups:
   # Call the rules and bucket members by (assignment, label parts,
   # configuration); each bucket becomes one group. A member is a whole
   # Variable or one layer of a stacked Variable.
-  Bucket = tuple[int, tuple[str, ...], Hashable]
-  buckets: dict[Bucket, list[tuple[Path, int | None, nnx.Variable]]] = {}
+  Bucket = tuple[int, tuple[str, ...], int]
+  buckets: dict[Bucket, list[tuple[Path, int | None]]] = {}
   transforms: dict[Bucket, Any] = {}
-  member_buckets: dict[Path, list[Bucket]] = {}
-  # Fingerprints by object: most Variables share one transform object, and
-  # fingerprinting it again for each would dominate labelling time. The
-  # list keeps every fingerprinted object alive, so no id is reused.
-  fingerprints: dict[int, Hashable] = {}
-  alive: list[Any] = []
-
-  def fingerprint(transform: Any) -> Hashable:
-    key = id(transform)
-    if key not in fingerprints:
-      fingerprints[key] = _config.fingerprint(transform)
-      alive.append(transform)
-    return fingerprints[key]
+  # The bucket of each Variable, or one bucket per layer for a stacked one.
+  member_buckets: dict[Path, Bucket | list[Bucket]] = {}
+  stacks = {path: graph.stack_above(path) for path, _ in graph.variables}
+  configs = _ConfigNumbers(assignments)
 
   for path, variable in graph.variables:
-    stack = graph.stack_above(path)
+    stack = stacks[path]
     result = winners[path]
     if stack is None:
       units = [(None, result)]
     else:
       units = list(enumerate(result))
+      member_buckets[path] = []
     for layer, match in units:
       assignment = assignments[match.assignment]
       transform = _value_for(assignment, graph, path, variable, stack, layer)
-      bucket = (match.assignment, match.parts, fingerprint(transform))
-      buckets.setdefault(bucket, []).append((path, layer, variable))
-      transforms.setdefault(bucket, transform)
-      member_buckets.setdefault(path, []).append(bucket)
+      bucket = (match.assignment, match.parts, configs.number(match.assignment, transform))
+      members = buckets.get(bucket)
+      if members is None:
+        members = buckets[bucket] = []
+        transforms[bucket] = transform
+      members.append((path, layer))
+      if stack is None:
+        member_buckets[path] = bucket
+      else:
+        member_buckets[path].append(bucket)
 
   labels = _label_buckets(list(buckets))
   groups = []
   for bucket in sorted(buckets, key=lambda bucket: bucket[0]):
     members = buckets[bucket]
     sizes = [
-      _size_and_bytes(variable, graph.stack_above(path) if layer is not None else None)
-      for path, layer, variable in members
+      _size_and_bytes(graph.values[path], stacks[path] if layer is not None else None)
+      for path, layer in members
     ]
     groups.append(
       Group(
@@ -259,22 +257,61 @@ def resolve(graph: ModelGraph, assignments: list[Assignment]) -> Groups:
         assignment=bucket[0],
         source=repr(assignments[bucket[0]]),
         transform=transforms[bucket],
-        members=tuple((path, layer) for path, layer, _ in members),
+        members=tuple(members),
         num_elements=sum(size for size, _ in sizes),
         param_bytes=sum(nbytes for _, nbytes in sizes),
       )
     )
 
   path_labels: dict[Path, Label] = {}
-  for path, _ in graph.variables:
-    per_member = tuple(labels[bucket] for bucket in member_buckets[path])
-    path_labels[path] = per_member if graph.stack_above(path) is not None else per_member[0]
-  stacks = {
-    path: stack
-    for path, _ in graph.variables
-    if (stack := graph.stack_above(path)) is not None
-  }
-  return Groups(groups, path_labels, stacks)
+  for path, bucket in member_buckets.items():
+    if stacks[path] is None:
+      path_labels[path] = labels[bucket]
+    else:
+      path_labels[path] = tuple(labels[layer_bucket] for layer_bucket in bucket)
+  stacked = {path: stack for path, stack in stacks.items() if stack is not None}
+  return Groups(groups, path_labels, stacked)
+
+
+class _ConfigNumbers:
+  """Configuration numbers of transforms: equal configurations get equal numbers.
+
+  An assignment's own transform is one object shared by all the Variables it
+  selects, so it is fingerprinted once. A rule usually returns a new object
+  per call, so each result is fingerprinted (see `_config`). Only the number
+  is kept, so the results of all but the first call of each configuration
+  are freed at once.
+  """
+
+  # A rule may also return one of a few prebuilt transforms, so the last
+  # results are remembered by id. The stored references keep those ids from
+  # being reused by new objects.
+  _RECENT = 16
+
+  def __init__(self, assignments: list[Assignment]):
+    self._numbers: dict[Hashable, int] = {}
+    self._assigned = [
+      None if assignment.rule_name is not None else self._number_of(assignment.value)
+      for assignment in assignments
+    ]
+    self._recent: dict[int, tuple[Any, int]] = {}
+
+  def number(self, assignment: int, transform: Any) -> int:
+    """Return the configuration number of `transform`, chosen by `assignment`."""
+    number = self._assigned[assignment]
+    if number is not None:
+      return number
+    entry = self._recent.get(id(transform))
+    if entry is not None and entry[0] is transform:
+      return entry[1]
+    number = self._number_of(transform)
+    if len(self._recent) >= self._RECENT:
+      self._recent.clear()
+    self._recent[id(transform)] = (transform, number)
+    return number
+
+  def _number_of(self, transform: Any) -> int:
+    return self._numbers.setdefault(_config.fingerprint(transform), len(self._numbers))
 
 
 def check_patterns(
@@ -343,7 +380,7 @@ def _value_for(
     return value
 
   where = f"{_keys.format_pattern(assignment.pattern)} rule {assignment.rule_name!r}"
-  info = param_info(path, variable, stack, layer)
+  info = param_info(path, variable, stack, layer, graph.values[path])
   target = f"the Variable at {format_path(path)!r}"
   if layer is not None:
     target += f" (layer {layer})"
@@ -393,9 +430,8 @@ def _label_buckets(
   return labels
 
 
-def _size_and_bytes(variable: nnx.Variable, stack: Stack | None) -> tuple[int, int]:
-  """Return the element count and bytes of a Variable, or of one layer of it."""
-  value = variable.get_value()
+def _size_and_bytes(value: Any, stack: Stack | None) -> tuple[int, int]:
+  """Return the element count and bytes of a Variable's value, or of one layer of it."""
   size = math.prod(getattr(value, "shape", ()))
   if stack is not None:
     size //= stack.length

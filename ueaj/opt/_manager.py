@@ -10,7 +10,7 @@ from flax import nnx
 from flax.nnx import filterlib
 
 from ueaj.opt import _keys, _transform
-from ueaj.opt._graph import ModelGraph, flatten_paths
+from ueaj.opt._graph import ModelGraph
 from ueaj.opt._groups import Assignment, Groups, check_patterns, resolve
 from ueaj.opt._match import match_all
 
@@ -167,6 +167,10 @@ class OptimizerManager:
       UnassignedVariablesError: Variables are left without a group.
       RuleError: A function rule failed for a Variable.
     """
+    return self._label(model, wrt)[1]
+
+  def _label(self, model: Any, wrt: filterlib.Filter) -> tuple[ModelGraph, Groups]:
+    """Label `model` as `label` does and also return the graph snapshot."""
     graph = graph_for(self, model, wrt)
     groups = resolve(graph, self._assignments)
 
@@ -184,7 +188,7 @@ class OptimizerManager:
         else:
           variable.set_metadata(_transform.LABEL_KEY, label)
       raise
-    return groups
+    return graph, groups
 
   def _declare_stacks(self, graph: ModelGraph) -> None:
     if not self._stacks:
@@ -216,8 +220,8 @@ class OptimizerManager:
     Raises:
       The errors of `label`.
     """
-    groups = self.label(model, wrt=wrt)
-    return transform_for(model, groups, wrt)
+    graph, groups = self._label(model, wrt)
+    return transform_for(graph, groups)
 
   def __repr__(self) -> str:
     lines = [
@@ -235,15 +239,24 @@ def graph_for(manager: OptimizerManager, model: Any, wrt: filterlib.Filter) -> M
   return graph
 
 
-def transform_for(
-  model: Any, groups: Groups, wrt: filterlib.Filter, graph: bool | None = None
-) -> optax.GradientTransformationExtraArgs:
-  """Build the transform of a labelled model from its Variables' metadata."""
-  state = nnx.state(model, wrt, graph=graph)
-  labels = _transform.labels_from_metadata(state)
-  values = {path: variable.get_value() for path, variable in flatten_paths(state)}
-  shapes = {path: tuple(getattr(value, "shape", ())) for path, value in values.items()}
-  dtypes = {path: getattr(value, "dtype", None) for path, value in values.items()}
+def transform_for(graph: ModelGraph, groups: Groups) -> optax.GradientTransformationExtraArgs:
+  """Build the transform of a labelled model from its Variables' metadata.
+
+  The Variables come from the snapshot that labelling walked, so the model
+  is traversed once. Sorted by path, they are in the order of the leaves of
+  `nnx.state(model, wrt)`: a State flattens each level in sorted key order.
+  """
+  try:
+    variables = sorted(graph.variables, key=lambda item: item[0])
+  except TypeError:
+    # Keys of mixed types at one level cannot be sorted. Flattening an
+    # `nnx.State` with them fails the same way, so keep the traversal order
+    # and leave that error to Flax.
+    variables = graph.variables
+  labels = _transform.labels_from_metadata(variables)
+  values = graph.values
+  shapes = {path: tuple(getattr(values[path], "shape", ())) for path, _ in variables}
+  dtypes = {path: getattr(values[path], "dtype", None) for path, _ in variables}
   return _transform.partition(groups, labels, shapes, dtypes)
 
 

@@ -21,7 +21,7 @@ from ueaj.opt._keys import Element, Path
 _HINT_NODES = 64
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Match:
   """The assignment that selects a Variable and the label parts it produced."""
 
@@ -68,7 +68,7 @@ _LAYER = None
 _State = tuple[int, tuple, tuple[tuple[int, str], ...] | None]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Winner:
   """The best match so far on the current path, per layer inside a stack."""
 
@@ -116,6 +116,8 @@ class _Matcher:
       any(_has_index(element) for element in pattern[:anchored])
       for pattern, anchored in zip(patterns, self.anchored_until)
     ]
+    self.lengths = [len(pattern) for pattern in patterns]
+    self._closures: dict[tuple, list[_State]] = {}
     self.winners: dict[Path, Result] = {}
     self._reported_ranges: set[tuple[int, int, Path]] = set()
 
@@ -151,11 +153,12 @@ class _Matcher:
     # pattern that already matched elsewhere and cannot beat the current
     # winner is dropped, which keeps the walk linear in practice.
     floor = winner.floor()
+    lengths = self.lengths
     live = {
       number: active
       for number, active in states.items()
       if active
-      and all(position < len(self.patterns[number]) for position, _, _ in active)
+      and all(position < lengths[number] for position, _, _ in active)
       and (number > floor or not self.reports[number].matched or self.keep[number])
     }
 
@@ -190,6 +193,22 @@ class _Matcher:
     slice or list selecting layers along the stack's axis.
     """
     pattern = self.patterns[number]
+    if node.stack is None:
+      # Outside stacks the closure depends only on the states, and the same
+      # few state sets recur at every node that a `...` walks through.
+      key = (number, *states)
+      result = self._closures.get(key)
+      if result is None:
+        result = self._closures[key] = self._search(number, states, node)
+      self._record_progress(number, result, node)
+      return result
+    result = self._search(number, states, node)
+    self._record_progress(number, result, node)
+    return result
+
+  def _search(self, number: int, states: list[_State], node: GraphNode) -> list[_State]:
+    """Return `states` and every state reachable from them without a key, in order."""
+    pattern = self.patterns[number]
     result: list[_State] = []
     seen: set[_State] = set()
     queue = list(states)
@@ -209,15 +228,17 @@ class _Matcher:
         selected = self._select_layers(number, position, element, node)
         if selected:
           queue.append((position + 1, (*parts, _LAYER), selected))
+    return result
 
+  def _record_progress(self, number: int, states: list[_State], node: GraphNode) -> None:
+    """Remember the nodes where the pattern got furthest, for the nearest-path hint."""
     report = self.reports[number]
-    furthest = max(position for position, _, _ in result)
+    furthest = max(position for position, _, _ in states)
     if furthest > report.best_position:
       report.best_position = furthest
       report.best_nodes = [node]
     elif furthest == report.best_position and len(report.best_nodes) < _HINT_NODES:
       report.best_nodes.append(node)
-    return result
 
   def _select_layers(
     self, number: int, position: int, element: Element, node: GraphNode

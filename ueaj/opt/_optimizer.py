@@ -85,8 +85,8 @@ class Optimizer(nnx.Optimizer[M]):
         f"opt.Optimizer expects an opt.OptimizerManager or an optax"
         f" transform, got {type(manager).__name__}."
       )
-    groups = manager.label(model, wrt=wrt)
-    super().__init__(model, transform_for(model, groups, wrt, graph), wrt=wrt, graph=graph)
+    labelled, groups = manager._label(model, wrt)
+    super().__init__(model, transform_for(labelled, groups), wrt=wrt, graph=graph)
     self.groups: Groups = groups
 
   def update(self, model: M, grads: Any, /, **kwargs: Any) -> optax.Updates:

@@ -23,7 +23,7 @@ from ueaj.opt._groups import Group, Groups, Label
 from ueaj.opt._keys import Path
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Piece:
   """The part of one parameter leaf that a unit receives.
 

@@ -443,7 +443,7 @@ def explain(
     transform = describe_transform(groups[group].transform)
 
   variable = dict(graph.variables)[found]
-  value = variable.get_value()
+  value = graph.values[found]
   description = f"{type(variable).__name__} {value.dtype}{tuple(value.shape)}"
   where = format_path(found)
   if layer is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from flax import nnx
 
 from ueaj.opt import _precision
 from ueaj.opt._errors import MissingLabelError, StructureMismatchError
-from ueaj.opt._graph import flatten_paths, format_path, path_of
+from ueaj.opt._graph import format_path, path_of
 from ueaj.opt._groups import Groups, Label
 from ueaj.opt._keys import Path
 from ueaj.opt._plan import Piece, Unit, plan_units
@@ -23,14 +23,15 @@ from ueaj.opt._sharding import constrain_state, leaf_shardings
 LABEL_KEY = "opt_group"
 
 
-def labels_from_metadata(state: Any) -> dict[Path, Label]:
-  """Read the group label of every Variable in `state` from its metadata.
+def labels_from_metadata(variables: Iterable[tuple[Path, Any]]) -> dict[Path, Label]:
+  """Read the group label of every Variable from its metadata.
 
   Args:
-    state: An `nnx.State` of Variables, as returned by `nnx.state(model, wrt)`.
+    variables: `(path, Variable)` pairs in the order of the parameters, for
+      example `flatten_paths(nnx.state(model, wrt))`.
 
   Returns:
-    The label of each Variable path, in the state's order: a string, or a
+    The label of each Variable path, in the given order: a string, or a
     tuple of per-layer labels for a stacked Variable.
 
   Raises:
@@ -38,7 +39,7 @@ def labels_from_metadata(state: Any) -> dict[Path, Label]:
   """
   labels = {}
   unlabelled = []
-  for path, leaf in flatten_paths(state):
+  for path, leaf in variables:
     label = leaf.get_metadata(LABEL_KEY, None) if isinstance(leaf, nnx.Variable) else None
     if label is None:
       unlabelled.append(path)
