@@ -281,6 +281,11 @@ class _ConfigNumbers:
   per call, so each result is fingerprinted (see `_config`). Only the number
   is kept, so the results of all but the first call of each configuration
   are freed at once.
+
+  Fingerprints contain the ids of values that compare by identity. Every
+  fingerprint in `_numbers` comes from a transform that stays alive while
+  labelling runs (an assignment's value, or the first transform of a group,
+  which `resolve` keeps), so none of those ids can be reused by a new object.
   """
 
   # A rule may also return one of a few prebuilt transforms, so the last
