@@ -494,30 +494,25 @@ def time_call(
 
 
 def time_compile_stages(
-  graphdef: Any, state: Any, x: jax.Array, y: jax.Array, repeats: int
+  graphdef: Any, state: Any, x: jax.Array, y: jax.Array
 ) -> tuple[float, float, float, Any]:
-  """Trace, lower and compile the training step `repeats` times, timing each stage.
+  """Trace, lower and compile the training step once, timing each stage.
 
-  Every repeat wraps a new function in a new `jax.jit`: repeating a stage on
-  the same jitted function hits JAX's caches and takes no time.
+  Each call wraps a new function in a new `jax.jit`, because repeating a
+  stage on the same jitted function hits JAX's caches and takes no time.
 
   Returns:
-    The minimum trace, lower and compile seconds, and the last compiled step.
+    The trace, lower and compile seconds, and the compiled step.
   """
-  best = [float("inf")] * 3
-  compiled = None
-  for _ in range(repeats):
-    jitted = jax.jit(make_train_step(graphdef), donate_argnums=0)
-    start = time.perf_counter()
-    traced = jitted.trace(state, x, y)
-    traced_at = time.perf_counter()
-    lowered = traced.lower()
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    compiled_at = time.perf_counter()
-    stages = [traced_at - start, lowered_at - traced_at, compiled_at - lowered_at]
-    best = [min(old, new) for old, new in zip(best, stages)]
-  return best[0], best[1], best[2], compiled
+  jitted = jax.jit(make_train_step(graphdef), donate_argnums=0)
+  start = time.perf_counter()
+  traced = jitted.trace(state, x, y)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  return traced_at - start, lowered_at - traced_at, compiled_at - lowered_at, compiled
 
 
 @dataclasses.dataclass
@@ -553,7 +548,7 @@ def retime_compiles(measured: list[tuple[Row, StepRunner]], rounds: int) -> None
   for _ in range(rounds):
     for row, runner in measured:
       trace_s, lower_s, compile_s, _ = time_compile_stages(
-        runner.graphdef, runner.state, runner.x, runner.y, 1
+        runner.graphdef, runner.state, runner.x, runner.y
       )
       row.trace_s = min(row.trace_s, trace_s)
       row.lower_s = min(row.lower_s, lower_s)
@@ -600,7 +595,7 @@ def measure(
   param_bytes = tree_bytes(nnx.state(model, nnx.Param))
 
   graphdef, state = nnx.split((model, optimizer))
-  trace_s, lower_s, compile_s, compiled = time_compile_stages(graphdef, state, x, y, 1)
+  trace_s, lower_s, compile_s, compiled = time_compile_stages(graphdef, state, x, y)
   temp_bytes, peak_bytes = compiled_memory(compiled)
 
   runner = StepRunner(graphdef, compiled, state, x, y)
@@ -1286,8 +1281,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
   plan = planned_rows(args)
   rows: list[Row] = []
   number = 0
-  # The rows of one model and depth are consecutive in the plan; their
-  # steps are timed together, interleaved.
+  # The rows of one model and depth are consecutive in the plan, and their
+  # compiles and steps are timed together, interleaved.
   for (kind, layers), entries in itertools.groupby(plan, key=lambda entry: (entry[0], entry[3])):
     measured = []
     for _, method, config, _ in entries:

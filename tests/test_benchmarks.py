@@ -81,7 +81,7 @@ def test_report_times_positive(run, field):
 
 
 class FakeRunner:
-  """Records the order of its steps in a shared log; each step takes `seconds`."""
+  """A runner that records its steps in a shared log and reports `seconds` per step."""
 
   def __init__(self, name, seconds, log):
     self.name, self.seconds, self.log = name, seconds, log

@@ -258,7 +258,7 @@ class HeadlessChromium:
   """Headless Chromium driven over the DevTools protocol on a pipe.
 
   `--dump-dom` with a virtual-time budget raced treescope's asynchronous
-  decompression: it missed the drawing in one of two to one of six runs on
+  decompression and missed the drawing in one of two to one of six runs on
   a 2-core machine. Waiting for the probe over the protocol takes real
   time and has no race.
   Chromium reads NUL-terminated JSON commands from fd 3 and writes replies

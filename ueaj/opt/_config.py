@@ -95,7 +95,7 @@ def _atom(value: Any, depth: int, active: dict) -> Hashable:
 
 
 def _float_subclass(value: Any, depth: int, active: dict) -> Hashable:
-  # `np.float64` subclasses float; it equals the same Python float.
+  # `np.float64` subclasses float, so it equals the same Python float.
   return float(value)
 
 
@@ -182,8 +182,8 @@ def _partial_items(value: functools.partial, depth: int, active: dict) -> Hashab
 
 
 def _function_items(function: types.FunctionType, depth: int, active: dict) -> Hashable:
-  # The code object is the tag: equal code and equal closed-over values
-  # make equal functions.
+  # The code object is the tag, because equal code and equal closed-over
+  # values make equal functions.
   cells = []
   for cell in function.__closure__ or ():
     try:
@@ -191,7 +191,7 @@ def _function_items(function: types.FunctionType, depth: int, active: dict) -> H
     except ValueError:  # An empty cell: the variable is not yet assigned.
       cells.append(_EMPTY_CELL)
       continue
-    # The common atoms inline, saving a call per hyperparameter.
+    # Common atoms are handled inline, which saves a call per hyperparameter.
     cls = type(contents)
     if cls is float or cls is str or contents is None:
       cells.append(contents)
@@ -293,5 +293,6 @@ def _has_instance_dict(cls: type) -> bool:
 
 
 # Handlers by exact type, filled on first sight of each type. Types stay
-# referenced for the life of the process; in practice that is a few dozen.
+# referenced for the life of the process. That is a small set: adamw, lion,
+# inject_hyperparams, chain and masked of optax 0.2.8 reach 6 types in all.
 _HANDLERS: dict[type, _Handler] = {}

@@ -83,7 +83,7 @@ class GraphNode:
     self.path = path
     self.obj = obj
     self.is_variable = isinstance(obj, nnx.Variable)
-    # Variables are leaves: they share one read-only empty mapping, which
+    # Variables are leaves, so they share one read-only empty mapping. That
     # saves a dict per Variable on large models.
     self.children: dict[Any, GraphNode] | Mapping[Any, GraphNode] = (
       _NO_CHILDREN if self.is_variable else {}

@@ -244,7 +244,8 @@ def transform_for(graph: ModelGraph, groups: Groups) -> optax.GradientTransforma
 
   The Variables come from the snapshot that labelling walked, so the model
   is traversed once. Sorted by path, they are in the order of the leaves of
-  `nnx.state(model, wrt)`: a State flattens each level in sorted key order.
+  `nnx.state(model, wrt)`, because a State flattens each level in sorted
+  key order.
   """
   try:
     variables = sorted(graph.variables, key=lambda item: item[0])
